@@ -218,16 +218,31 @@ def _as_image_list(images: Any) -> list[Image.Image]:
     return out
 
 
-def _content_from_text(text: str, n_images: int, markers: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Split a prompt at image markers into chat content; images first when there are none."""
-    pattern = "|".join(re.escape(m) for m in markers)
-    pieces = re.split(f"({pattern})", text)
-    n_markers = sum(1 for p in pieces if p in markers)
+def _check_placeholders(n_markers: int, n_images: int, *, raw: bool) -> None:
+    """Placeholders and images must agree (without placeholders, chat prompts put images first)."""
+    if n_markers and not n_images:
+        raise InputError(
+            f"The prompt holds {n_markers} image placeholder(s) but no image was given. "
+            "Pass images=[...] or remove the placeholders."
+        )
+    if raw and n_markers != n_images:
+        raise InputError(
+            f"The raw prompt has {n_markers} image placeholder(s) but {n_images} image(s) were given. "
+            f"Write one {IMAGE_MARKER!r} where each image goes."
+        )
     if n_markers and n_markers != n_images:
         raise InputError(
             f"The prompt has {n_markers} image placeholder(s) but {n_images} image(s) were given. "
             "Give one image per placeholder, or remove the placeholders to put the images first."
         )
+
+
+def _content_from_text(text: str, n_images: int, markers: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Split a prompt at image markers into chat content; images first when there are none."""
+    pattern = "|".join(re.escape(m) for m in markers)
+    pieces = re.split(f"({pattern})", text)
+    n_markers = sum(1 for p in pieces if p in markers)
+    _check_placeholders(n_markers, n_images, raw=False)
     if not n_markers:
         return [{"type": "image"}] * n_images + ([{"type": "text", "text": text}] if text else [])
     content: list[dict[str, Any]] = []
@@ -303,15 +318,7 @@ def render_prompt(
         else:
             pieces = re.split("(" + "|".join(re.escape(m) for m in markers) + ")", prompt)
             n_markers = sum(1 for p in pieces if p in markers)
-            if template == "raw" and n_markers != n_images:
-                raise InputError(
-                    f"The raw prompt has {n_markers} image placeholder(s) but {n_images} image(s) were given. "
-                    f"Write one {IMAGE_MARKER!r} (or {placeholder!r}) where each image goes."
-                )
-            if n_markers and n_markers != n_images:
-                raise InputError(
-                    f"The prompt has {n_markers} image placeholder(s) but {n_images} image(s) were given."
-                )
+            _check_placeholders(n_markers, n_images, raw=template == "raw")
             if not n_markers:
                 pieces = [placeholder] * n_images + [prompt]
             text = (system + "\n" if system else "") + "".join(placeholder if p in markers else p for p in pieces)

@@ -187,18 +187,20 @@ def _qwen_config(version: str) -> Callable[[Sizes, int, Any], dict[str, Any]]:
             out_hidden_size=s.d_model,
         )
         text = _text(s, vocab, tok)
+        half = s.head_dim // 2
+        section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
         if version == "2":
             vision.update(embed_dim=s.vision_d, mlp_ratio=2, hidden_size=s.d_model)
-            text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+            text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
         elif version == "2.5":
             vision.update(window_size=4 * s.patch, fullatt_block_indexes=[s.vision_layers - 1])
-            text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+            text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
         else:
             vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
             text["rope_parameters"] = {
                 "rope_type": "default",
                 "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
+                "mrope_section": section,
                 "mrope_interleaved": True,
             }
         return dict(
