@@ -66,17 +66,24 @@ def test_device_map_with_cpu_and_disk_offload(tmp_path, zoo) -> None:
 
 def test_remote_execution_dry_run(qwen, zoo) -> None:
     """nnsight's local simulation serializes the trace as for NDIF, hides vlm_probe, and runs it."""
+    from vlm_probe.interventions import knockout, patch
+
     batch = qwen.prepare("how many ?", images=[zoo("qwen2_5_vl").image()])
     vision = batch.layout.vision
+    queries, keys = batch.layout.mask("last"), batch.layout.mask("vision")
     with qwen.trace(batch, remote="local"):
         saved = qwen.layers[1].output[:, vision].save()
-        qwen.layers[2].output[:, vision] = 0
+        patch(qwen, batch, "layer_out", 2, "vision", torch.zeros(()))
+        knockout(qwen, 3, queries, keys)
         remote_logits = qwen.lm_head.output.save()
     with qwen.trace(batch):
         local = qwen.layers[1].output[:, vision].save()
-        qwen.layers[2].output[:, vision] = 0
+        patch(qwen, batch, "layer_out", 2, "vision", torch.zeros(()))
+        knockout(qwen, 3, queries, keys)
         local_logits = qwen.lm_head.output.save()
     assert torch.equal(saved, local) and torch.equal(remote_logits, local_logits)
+    with torch.no_grad():
+        assert not torch.equal(local_logits, qwen.hf(**batch.inputs).logits)
 
 
 def test_checkpoint_set_runs_same_inputs(zoo) -> None:

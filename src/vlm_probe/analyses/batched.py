@@ -1,0 +1,124 @@
+"""Machinery for running many intervened variants of a batch in one forward.
+
+A sweep repeats a batch ``k`` times (variants contiguous: ``[s0 .. sB-1] x k``), runs the
+vision tower once per distinct image (its output is captured once and replayed through
+nnsight's ``skip``), and lets each variant edit only its own rows.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nnsight
+import torch
+from nnsight.util import apply
+from torch import Tensor
+
+from ..errors import InputError
+from ..interventions import sites as site_ops
+from ..model.inputs import Batch
+
+#: execution order of sites inside one decoder layer
+SITE_ORDER = {"layer_in": 0, "q": 1, "k": 2, "v": 3, "o_in": 4, "attn_out": 5, "mlp_out": 6, "layer_out": 7}
+
+
+def repeat_rows(batch: Batch, k: int) -> Batch:
+    """``batch`` repeated ``k`` times with variants contiguous (``[a, b, a, b]`` for k=2)."""
+    return Batch(list(batch.rows) * k, batch.collator)
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + max(1, size)]
+
+
+def _snapshot(value: Any) -> Any:
+    """A structural copy (tensors shared) that later in-place edits of the original do not reach."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, dict):
+        out = copy.copy(value)
+        for key in list(value.keys()):
+            out[key] = _snapshot(value[key])
+        return out
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_snapshot(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
+@dataclass
+class VisionOutput:
+    """The vision tower's output for one batch, replayable for the batch repeated ``k`` times."""
+
+    value: Any
+
+    def tiled(self, k: int) -> Any:
+        """A fresh structure with every tensor repeated ``k`` times along its first dimension."""
+        return apply(_snapshot(self.value), lambda t: torch.cat([t] * k) if k > 1 else t, Tensor)
+
+
+@dataclass
+class Capture:
+    """What one plain forward of a batch yields for a sweep."""
+
+    activations: dict[tuple[str, int], Tensor]  #: (site, layer) -> [batch, seq, dim]
+    logits: Tensor | None  #: [batch, vocab] at the metric position (or [batch, seq, vocab])
+    vision: VisionOutput | None
+
+
+def capture(
+    vlm: Any,
+    batch: Batch,
+    sites: Iterable[tuple[str, int]] = (),
+    logits_index: tuple[Tensor, Tensor] | None = None,
+    vision: bool = False,
+) -> Capture:
+    """One forward of ``batch`` saving site activations, the logits and the vision output.
+
+    Args:
+        sites: ``(site, layer)`` pairs to save (full ``[batch, seq, dim]`` tensors).
+        logits_index: ``(rows, positions)`` to index the logits with (all logits when None).
+        vision: also capture the vision tower's output for replay.
+    """
+    ordered = sorted(set(sites), key=lambda s: (s[1], SITE_ORDER[s[0]]))
+    has_images = bool(batch.layout.mask("vision").any())
+    snap = None  # values leave a trace only when saved: define the fallback outside
+    options: dict[str, Any] = {"use_cache": False}
+    if logits_index is not None:
+        keep, column = keep_logits(logits_index[1])
+        options["logits_to_keep"] = keep
+        logits_index = (logits_index[0], column)
+    with torch.no_grad(), vlm.trace(batch, **options):
+        if vision and has_images:
+            snap = nnsight.save(_snapshot(vlm.vision.root.output))
+        acts = nnsight.save([site_ops.read(vlm, site, layer) for site, layer in ordered])
+        out = vlm.lm_head.output
+        logits = (out[logits_index[0], logits_index[1]] if logits_index is not None else out).save()
+    return Capture(dict(zip(ordered, acts)), logits, VisionOutput(snap) if snap is not None else None)
+
+
+def keep_logits(positions: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits_to_keep, column)``: the distinct positions to compute logits for, and for each
+    row the column of its position among them (HF models take ``logits_to_keep`` as indices)."""
+    keep, column = torch.unique(positions, sorted=True, return_inverse=True)
+    return keep, column
+
+
+def metric_index(batch: Batch, position: str | int, k: int = 1) -> tuple[Tensor, Tensor]:
+    """``(rows, positions)`` of the metric position for ``batch`` repeated ``k`` times."""
+    if isinstance(position, int):
+        pos = [position % batch.width] * len(batch)
+    else:
+        pos = []
+        for row in batch.layout:
+            span = row.spans[position]
+            if len(span) != 1:
+                raise InputError(f"The metric position must name one token per row; {position!r} has {len(span)}.")
+            pos.append(span[0])
+    positions = torch.tensor(pos * k, dtype=torch.long)
+    return torch.arange(len(positions)), positions

@@ -1,0 +1,174 @@
+"""Metrics on next-token logits, for patching, ablation and knockout sweeps.
+
+A metric reads the logits at one position per row (``position``: a single-position group
+such as ``"last_prompt"`` or ``"last"``, or an int) and maps
+``(logits, clean, corrupt)`` -- each ``[rows, vocab]`` -- to one value per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..errors import InputError
+from ..model.inputs import Batch
+
+
+class Metric(Protocol):
+    name: str
+    position: str | int
+    #: whether (value - corrupt) / (clean - corrupt) is meaningful
+    normalizable: bool
+
+    def __call__(
+        self, logits: Float[Tensor, "rows vocab"], clean: Float[Tensor, "rows vocab"], corrupt: Float[Tensor, "rows vocab"]
+    ) -> Float[Tensor, " rows"]: ...
+
+
+TokenSpec = int | str | Sequence[int | str] | Tensor
+
+
+def token_ids(tokenizer: Any, tokens: TokenSpec, n: int) -> Int[Tensor, " n"]:
+    """One token id per row: an id, a string (its first token), or a per-row sequence of either."""
+
+    def one(t: int | str) -> int:
+        if isinstance(t, (int,)) or (isinstance(t, Tensor) and t.dim() == 0):
+            return int(t)
+        ids = tokenizer.encode(str(t), add_special_tokens=False)
+        if not ids:
+            raise InputError(f"{t!r} does not tokenize to any token.")
+        return int(ids[0])
+
+    if isinstance(tokens, Tensor):
+        ids = tokens.long().flatten()
+        return ids.expand(n).clone() if ids.numel() == 1 else ids
+    if isinstance(tokens, (int, str)):
+        return torch.full((n,), one(tokens), dtype=torch.long)
+    ids = torch.tensor([one(t) for t in tokens], dtype=torch.long)
+    if ids.numel() != n:
+        raise InputError(f"Got {ids.numel()} tokens for {n} rows.")
+    return ids
+
+
+def logits_at(logits: Float[Tensor, "rows seq vocab"], batch: Batch, position: str | int) -> Float[Tensor, "rows vocab"]:
+    """Logits at one position per row (a single-position group, or an int)."""
+    if isinstance(position, int):
+        return logits[:, position]
+    idx = []
+    for row in batch.layout:
+        pos = row.spans[position]
+        if len(pos) != 1:
+            raise InputError(f"A metric position must name one token per row; {position!r} has {len(pos)}.")
+        idx.append(pos[0])
+    index = torch.tensor(idx, device=logits.device)
+    return logits[torch.arange(logits.shape[0], device=logits.device), index]
+
+
+@dataclass
+class LogitDiff:
+    """``logit[target] - logit[foil]`` at ``position``; targets/foils resolved per row."""
+
+    target: Tensor
+    foil: Tensor
+    position: str | int = "last_prompt"
+    name: str = "logit_diff"
+    normalizable: bool = True
+
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+        rows = torch.arange(logits.shape[0])
+        t, f = _tile(self.target, logits.shape[0]), _tile(self.foil, logits.shape[0])
+        return (logits[rows, t] - logits[rows, f]).float()
+
+
+@dataclass
+class TargetProb:
+    """Probability of ``target`` at ``position``."""
+
+    target: Tensor
+    position: str | int = "last_prompt"
+    name: str = "target_prob"
+    normalizable: bool = True
+
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+        rows = torch.arange(logits.shape[0])
+        return logits.float().softmax(-1)[rows, _tile(self.target, logits.shape[0])]
+
+
+@dataclass
+class KLToClean:
+    """``KL(p_clean || p)`` at ``position`` (0 when the patch restores the clean distribution)."""
+
+    position: str | int = "last_prompt"
+    name: str = "kl_to_clean"
+    normalizable: bool = False
+
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+        return kl(clean, logits)
+
+
+@dataclass
+class Restored:
+    """Share of the clean-vs-corrupt output difference a patch restores:
+    ``1 - KL(p_clean || p) / KL(p_clean || p_corrupt)`` (1 = fully restored, 0 = no effect)."""
+
+    position: str | int = "last_prompt"
+    name: str = "restored"
+    normalizable: bool = False
+    eps: float = field(default=1e-12, repr=False)
+
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+        return 1 - kl(clean, logits) / kl(clean, corrupt).clamp_min(self.eps)
+
+
+@dataclass
+class FirstTokenChange:
+    """1 where the top next token differs from the unpatched (corrupt) run's, else 0."""
+
+    position: str | int = "last_prompt"
+    name: str = "first_token_change"
+    normalizable: bool = False
+
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+        return (logits.argmax(-1) != corrupt.argmax(-1)).float()
+
+
+def kl(p_logits: Tensor, q_logits: Tensor) -> Float[Tensor, " rows"]:
+    """``KL(softmax(p) || softmax(q))`` per row, in float32."""
+    p = F.log_softmax(p_logits.float(), -1)
+    q = F.log_softmax(q_logits.float(), -1)
+    return (p.exp() * (p - q)).sum(-1).clamp_min(0)
+
+
+def _tile(ids: Tensor, rows: int) -> Tensor:
+    """Per-sample ids repeated for ``rows`` (a multiple of the samples, variants contiguous)."""
+    n = ids.numel()
+    if rows % n:
+        raise InputError(f"{n} per-sample tokens cannot cover {rows} rows.")
+    return ids.repeat(rows // n)
+
+
+def logit_diff(tokenizer: Any, target: TokenSpec, foil: TokenSpec, n: int, position: str | int = "last_prompt") -> LogitDiff:
+    """A :class:`LogitDiff` with tokens resolved by ``tokenizer`` for ``n`` samples."""
+    return LogitDiff(token_ids(tokenizer, target, n), token_ids(tokenizer, foil, n), position)
+
+
+def target_prob(tokenizer: Any, target: TokenSpec, n: int, position: str | int = "last_prompt") -> TargetProb:
+    return TargetProb(token_ids(tokenizer, target, n), position)
+
+
+def kl_to_clean(position: str | int = "last_prompt") -> KLToClean:
+    return KLToClean(position)
+
+
+def restored(position: str | int = "last_prompt") -> Restored:
+    return Restored(position)
+
+
+def first_token_change(position: str | int = "last_prompt") -> FirstTokenChange:
+    return FirstTokenChange(position)

@@ -1,0 +1,293 @@
+"""Activation patching sweeps: within a model (clean -> corrupt) and across checkpoints.
+
+``sweep`` patches clean activations into the corrupted run for every (site, layer, positions)
+cell and scores each patched run with a metric. It is fast by construction: the clean and
+corrupt runs happen once, many cells are packed into one batched forward (each cell edits
+only its own rows; ``max_rows`` bounds the batch), the vision tower runs once per image, and
+no value leaves the device until a chunk is done.
+
+``cross_patch`` puts one checkpoint's activations into another's run (RL into IN and the
+reverse) and reports how much of their output difference each layer restores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..interventions import sites as site_ops
+from ..interventions.positions import PositionSpec, positions_label, resolve_positions
+from ..model.inputs import Batch
+from ..results import Result
+from . import metrics as M
+from .batched import SITE_ORDER, Capture, capture, chunks, keep_logits, metric_index, repeat_rows
+from .parallel import gather_frame, shard_indices
+
+
+@dataclass(frozen=True, eq=False)
+class Cell:
+    """One patched variant: a site of a layer at some positions."""
+
+    site: str
+    layer: int
+    label: str
+    mask: Tensor  #: [batch, seq]
+
+
+def expand_positions(batch: Batch, positions: PositionSpec | Sequence[PositionSpec], vlm: Any) -> list[tuple[str, Tensor]]:
+    """Position cells: one spec, a list of specs, or ``"each"`` / ``"each:<group>"`` (one cell per position)."""
+    if isinstance(positions, str) and positions.startswith("each"):
+        group = positions.split(":", 1)[1] if ":" in positions else "all"
+        base = resolve_positions(batch, group, vlm=vlm, what=f"patching {group!r}")
+        columns = [p for p in range(batch.width) if bool(base[:, p].any())]
+        if group != "all" and not batch.layout.uniform(group):
+            raise InputError(f"positions='each:{group}' needs {group!r} at the same positions in every row.")
+        return [(str(p), base & (torch.arange(batch.width) == p)[None, :]) for p in columns]
+    specs = positions if isinstance(positions, (list, tuple)) and positions and not isinstance(positions[0], int) else [positions]
+    return [(positions_label(spec), resolve_positions(batch, spec, vlm=vlm, what=f"patching {spec!r}")) for spec in specs]
+
+
+class PatchingResult(Result):
+    """Per (sample, site, layer, positions) metric values of a patching sweep.
+
+    Columns: ``sample``, ``site``, ``layer`` (0-based decoder index), ``unified_layer``
+    (``layer + 1``), ``positions``, ``metric``, ``value``, ``clean``, ``corrupt``, ``normalized``
+    (``(value - corrupt) / (clean - corrupt)`` for normalizable metrics), and for
+    cross-checkpoint sweeps ``receiver`` and ``donor``.
+    """
+
+    kind = "patching"
+
+    def summary(self) -> pd.DataFrame:
+        """Mean over samples per cell."""
+        keys = [c for c in ("receiver", "donor", "site", "layer", "unified_layer", "positions", "metric") if c in self.frame]
+        value_cols = [c for c in ("value", "normalized") if c in self.frame]
+        return self.frame.groupby(keys, sort=False)[value_cols].mean().reset_index()
+
+    def plot(self, value: str | None = None, **kwargs: Any) -> Any:
+        """Heatmap of the mean effect, layers x positions (one panel per site / direction)."""
+        from .plots import patching_figure
+
+        return patching_figure(self, value=value, **kwargs)
+
+
+def _run_cells(
+    vlm: Any,
+    base: Batch,
+    source: Capture,
+    base_logits: Tensor,
+    cells: list[Cell],
+    metric: Any,
+    reuse: Capture | None,
+    max_rows: int,
+    progress: bool,
+    desc: str,
+) -> list[dict[str, Any]]:
+    """Patch ``source`` activations into ``base`` for every cell, many cells per forward."""
+    n = len(base)
+    per_chunk = max(1, max_rows // n)
+    rows_out: list[dict[str, Any]] = []
+    bar = tqdm(total=len(cells), desc=desc, disable=not progress, unit="cell")
+    # cells sorted by depth: a chunk skips every layer below its shallowest cell, replaying
+    # the unpatched run's outputs there (nothing above that layer differs from it)
+    order_of_cells = sorted(range(len(cells)), key=lambda c: (cells[c].layer, SITE_ORDER[cells[c].site]))
+    prefix = reuse.activations if reuse is not None else {}
+    for chunk_ids in chunks(order_of_cells, per_chunk):
+        chunk = [cells[c] for c in chunk_ids]
+        k = len(chunk)
+        batch = repeat_rows(base, k)
+        rows, positions = metric_index(base, metric.position, k)
+        keep, column = keep_logits(positions)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, cell in enumerate(chunk):
+            groups.setdefault((cell.site, cell.layer), []).append(i)
+        order = sorted(groups, key=lambda s: (s[1], SITE_ORDER[s[0]]))
+        shallowest = min(cell.layer for cell in chunk)
+        with torch.no_grad(), vlm.trace(batch, use_cache=False, logits_to_keep=keep):
+            if reuse is not None and reuse.vision is not None:
+                vlm.vision.root.skip(reuse.vision.tiled(k))
+            for layer in range(shallowest):
+                if ("layer_out", layer) in prefix:
+                    vlm.layers[layer].skip(prefix[("layer_out", layer)].repeat(k, 1, 1))
+            for site, layer in order:
+                act = site_ops.read(vlm, site, layer)
+                new = act.clone()
+                src = source.activations[(site, layer)].to(act.device, act.dtype)
+                for i in groups[(site, layer)]:
+                    mask = chunk[i].mask.to(act.device)
+                    block = new[i * n : (i + 1) * n]
+                    block[mask] = src[mask]
+                site_ops.write(vlm, site, layer, new)
+            logits = vlm.lm_head.output[rows, column].save()
+        clean_l = source.logits.repeat(k, 1)
+        base_l = base_logits.repeat(k, 1)
+        values = metric(logits.float(), clean_l.float(), base_l.float()).cpu()
+        clean_v = metric(clean_l.float(), clean_l.float(), base_l.float()).cpu()
+        base_v = metric(base_l.float(), clean_l.float(), base_l.float()).cpu()
+        for i, cell in enumerate(chunk):
+            for s in range(n):
+                r = i * n + s
+                row = {
+                    "cell": chunk_ids[i],
+                    "sample": s,
+                    "site": cell.site,
+                    "layer": cell.layer,
+                    "unified_layer": cell.layer + 1,
+                    "positions": cell.label,
+                    "metric": metric.name,
+                    "value": float(values[r]),
+                    "clean": float(clean_v[r]),
+                    "corrupt": float(base_v[r]),
+                }
+                if metric.normalizable:
+                    denom = row["clean"] - row["corrupt"]
+                    row["normalized"] = (row["value"] - row["corrupt"]) / denom if abs(denom) > 1e-12 else float("nan")
+                rows_out.append(row)
+        bar.update(k)
+    bar.close()
+    return rows_out
+
+
+def _cells(vlm: Any, batch: Batch, sites: Sequence[str], layers: Sequence[int], positions: Any) -> list[Cell]:
+    for site in sites:
+        site_ops.check_site(site)
+    for layer in layers:
+        vlm.layers[layer]  # bounds check with a helpful error
+    pos_cells = expand_positions(batch, positions, vlm)
+    return [Cell(site, layer, label, mask) for layer in layers for site in sites for label, mask in pos_cells]
+
+
+def _prefix_sites(cells: list[Cell]) -> list[tuple[str, int]]:
+    """Layer outputs of the unpatched run that chunks replay below their shallowest cell."""
+    deepest = max((cell.layer for cell in cells), default=0)
+    return [("layer_out", layer) for layer in range(deepest)]
+
+
+def _as_list(x: Any) -> list[Any]:
+    return [x] if isinstance(x, str) else list(x)
+
+
+def sweep(
+    vlm: Any,
+    clean: Batch,
+    corrupt: Batch,
+    *,
+    site: str | Sequence[str] = "layer_out",
+    layers: Sequence[int] | None = None,
+    positions: PositionSpec | Sequence[PositionSpec] = "vision",
+    metric: Any = None,
+    max_rows: int = 64,
+    reuse_vision: bool = True,
+    progress: bool = True,
+) -> PatchingResult:
+    """Patch clean activations into the corrupted run, cell by cell, and score each.
+
+    Args:
+        clean, corrupt: batches of the same samples (same width; use ``vlm_probe.align``).
+        site: one site or several (``layer_out``, ``layer_in``, ``attn_out``, ``mlp_out``, ``q``...).
+        layers: 0-based decoder layers (default: all).
+        positions: a position spec, a list of specs (one cell each), or ``"each:<group>"``.
+        metric: a metric from :mod:`vlm_probe.analyses.metrics` (default: ``restored()``).
+        max_rows: rows per batched forward (cells x samples), the memory budget.
+        reuse_vision: run the vision tower once and replay its output for repeated rows, and
+            replay the unpatched run's layer outputs below each chunk's shallowest cell.
+
+    Returns:
+        A :class:`PatchingResult`. Under ``accelerate launch`` the samples are split across
+        processes and every process returns the full table.
+    """
+    if clean.width != corrupt.width or len(clean) != len(corrupt):
+        raise InputError(
+            f"clean ({len(clean)} x {clean.width}) and corrupt ({len(corrupt)} x {corrupt.width}) must have the same "
+            "samples and width; prepare them together or use vlm_probe.align(clean, corrupt)."
+        )
+    metric = metric or M.restored()
+    layers = list(range(vlm.n_layers)) if layers is None else list(layers)
+    sites = _as_list(site)
+    mine = shard_indices(len(clean))
+    rows: list[dict[str, Any]] = []
+    if mine:
+        clean_s, corrupt_s = clean[mine], corrupt[mine]
+        cells = _cells(vlm, corrupt_s, sites, layers, positions)
+        index = metric_index(clean_s, metric.position)
+        source = capture(vlm, clean_s, [(c.site, c.layer) for c in cells], index)
+        base = capture(vlm, corrupt_s, _prefix_sites(cells) if reuse_vision else (),
+                       metric_index(corrupt_s, metric.position), vision=reuse_vision)
+        rows = _run_cells(vlm, corrupt_s, source, base.logits, cells, metric, base if reuse_vision else None,
+                          max_rows, progress, "patching")
+        for row in rows:
+            row["sample"] = mine[row["sample"]]
+    frame = gather_frame(pd.DataFrame(rows), sort=["cell", "sample"])
+    return PatchingResult(frame, {"analysis": "sweep", "metric": metric.name, "sites": sites, "layers": layers,
+                                  "positions": str(positions), "n_samples": len(clean)})
+
+
+def cross_patch(
+    receiver: Any,
+    donor: Any,
+    batch: Batch,
+    *,
+    site: str | Sequence[str] = "layer_out",
+    layers: Sequence[int] | None = None,
+    positions: PositionSpec | Sequence[PositionSpec] = "all",
+    metric: Any = None,
+    names: tuple[str, str] = ("receiver", "donor"),
+    max_rows: int = 64,
+    reuse_vision: bool = True,
+    progress: bool = True,
+) -> PatchingResult:
+    """Put ``donor``'s activations into ``receiver``'s run, layer by layer.
+
+    With the default metric (:func:`~vlm_probe.analyses.metrics.restored`) each value is the
+    share of the donor-vs-receiver output difference that patching that cell restores
+    (0: none, 1: all). Both models must be checkpoints of one architecture.
+    """
+    from ..model.checkpoint_set import check_same_architecture
+
+    check_same_architecture({names[0]: receiver, names[1]: donor})
+    metric = metric or M.restored()
+    layers = list(range(receiver.n_layers)) if layers is None else list(layers)
+    sites = _as_list(site)
+    mine = shard_indices(len(batch))
+    rows: list[dict[str, Any]] = []
+    if mine:
+        part = batch[mine]
+        cells = _cells(receiver, part, sites, layers, positions)
+        index = metric_index(part, metric.position)
+        source = capture(donor, part, [(c.site, c.layer) for c in cells], index)
+        base = capture(receiver, part, _prefix_sites(cells) if reuse_vision else (), index, vision=reuse_vision)
+        rows = _run_cells(receiver, part, source, base.logits, cells, metric, base if reuse_vision else None,
+                          max_rows, progress, f"{names[1]} -> {names[0]}")
+        for row in rows:
+            row.update(sample=mine[row["sample"]], receiver=names[0], donor=names[1])
+    frame = gather_frame(pd.DataFrame(rows), sort=["cell", "sample"])
+    return PatchingResult(frame, {"analysis": "cross_patch", "metric": metric.name, "sites": sites, "layers": layers,
+                                  "positions": str(positions), "receiver": names[0], "donor": names[1]})
+
+
+def cross_checkpoint_sweep(
+    models: Any, batch: Batch, *, a: str = "IN", b: str = "RL", both: bool = True, **kwargs: Any
+) -> PatchingResult:
+    """Cross-checkpoint patching on a checkpoint set: ``b`` into ``a`` (and ``a`` into ``b``)."""
+    first = cross_patch(models[a], models[b], batch, names=(a, b), **kwargs)
+    if not both:
+        return first
+    second = cross_patch(models[b], models[a], batch, names=(b, a), **kwargs)
+    frame = pd.concat([first.frame, second.frame], ignore_index=True)
+    return PatchingResult(frame, {**first.meta, "analysis": "cross_checkpoint_sweep", "pair": [a, b]})
+
+
+def layer_increments(result: PatchingResult, value: str = "value") -> pd.DataFrame:
+    """Per-layer increase of a cumulative effect (e.g. ``restored`` of ``layer_out`` patches):
+    the share of the difference attributed to each layer."""
+    summary = result.summary().sort_values("layer")
+    keys = [c for c in ("receiver", "donor", "site", "positions", "metric") if c in summary]
+    summary["increment"] = summary.groupby(keys)[value].diff().fillna(summary[value])
+    return summary

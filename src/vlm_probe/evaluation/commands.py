@@ -1,0 +1,77 @@
+"""``vlm-probe eval``: score a checkpoint on a dataset file (resumable with ``--out``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+EXAMPLE = """\
+example:
+  vlm-probe eval ./checkpoints/RL --data data/general.jsonl --conditions image blank \\
+      --out runs/RL/general --batch-size 16 --max-new-tokens 256
+  (run it again after an interruption: finished items are skipped)
+
+The dataset layout is detected from its fields: vision-token-swap pairs
+(target_image, source_image, prompt, meta), VQA items (question, image, answer) or
+text-only items (question, answer).
+"""
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on a dataset (greedy, resumable)",
+        description="Generate greedily, grade every answer and report accuracy with bootstrap intervals.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id")
+    parser.add_argument("--data", required=True, metavar="FILE",
+                        help="dataset jsonl (or a swap-pair folder holding <task>/data.jsonl)")
+    parser.add_argument("--out", metavar="DIR", help="run directory: rows are appended as they finish (resumable)")
+    parser.add_argument("--conditions", nargs="+", metavar="C",
+                        help="image, blank, description, text (VQA/text) or target, source (swap pairs)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--instruction", help="text appended after every question, e.g. 'Answer with a number.'")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N items")
+    parser.add_argument("--by", default="condition", help="group accuracies by this column (category, task, ...)")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
+    parser.add_argument("--device-map", help="e.g. auto or cuda:0")
+    parser.add_argument("--attn", dest="attn_implementation", help="attention backend: sdpa, eager, ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out with other settings")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import vlm_probe
+
+    from .conditions import PromptFormat
+    from .datasets import load_dataset
+    from .runner import evaluate
+
+    dataset = load_dataset(args.data, limit=args.limit)
+    device_map = args.device_map
+    if device_map and device_map not in ("auto", "balanced", "sequential"):
+        device_map = {"": device_map}
+    vlm = vlm_probe.load(args.model, dtype=args.dtype, device_map=device_map,
+                         attn_implementation=args.attn_implementation)
+    result = evaluate(
+        vlm, dataset, conditions=args.conditions, out=args.out, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, system=args.system, prompt=PromptFormat(instruction=args.instruction),
+        seed=args.seed, quiet=args.quiet, overwrite=args.overwrite, name=Path(args.model).name or args.model,
+    )
+    table = result.accuracy(args.by)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    failed = result.failures()
+    if len(failed):
+        print(f"\n{len(failed)} item(s) could not be run:")
+        print(failed.head(10).to_string(index=False))
+    if args.out:
+        print(f"\nrows: {args.out}/rows/  result: {args.out}/result/")
+    return 0

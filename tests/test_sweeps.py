@@ -1,0 +1,215 @@
+"""Sweeps: properties that must hold, planted checkpoint pairs, batched == naive, data parallel."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import vlm_probe
+from vlm_probe.analyses import cross_patch, layer_increments, sweep
+from vlm_probe.analyses import metrics as M
+from vlm_probe.analyses.ablation import knockout_sweep, layer_ablation_sweep
+from vlm_probe.analyses.generation import greedy_config
+from vlm_probe.errors import InputError
+from vlm_probe.interventions import knockout, skip_layer
+from vlm_probe.results import Result
+from vlm_probe.testbed.zoo import tiny_vlm
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tiny = tiny_vlm("qwen2_5_vl")
+    vlm = vlm_probe.load(tiny)
+    batch = vlm.prepare(["how many red circles ?"] * 4, [[tiny.image(i)] for i in range(4)])
+    return vlm, tiny, batch
+
+
+def test_patching_a_run_with_itself_changes_nothing(setup) -> None:
+    vlm, _, batch = setup
+    result = sweep(vlm, batch[:2], batch[:2], positions=["vision", "question", "all"], metric=M.kl_to_clean(),
+                   progress=False)
+    assert len(result.frame) == 2 * 3 * vlm.n_layers
+    assert result.frame["value"].abs().max() < 1e-6  # float32 noise of batched matmuls only
+
+
+@pytest.mark.parametrize("site", ["layer_in", "layer_out"])
+def test_patching_every_position_at_layer_zero_restores_clean(setup, site: str) -> None:
+    vlm, _, batch = setup
+    result = sweep(vlm, batch[:2], batch[2:], site=site, layers=[0], positions="all", metric=M.kl_to_clean(),
+                   progress=False)
+    assert result.frame["value"].abs().max() < 1e-7
+    logit = M.logit_diff(vlm.tokenizer, "3", "4", 2)
+    result = sweep(vlm, batch[:2], batch[2:], site=site, layers=[0], positions="all", metric=logit, progress=False)
+    torch.testing.assert_close(torch.tensor(result.frame["value"].values), torch.tensor(result.frame["clean"].values))
+    assert (result.frame["normalized"] - 1).abs().max() < 1e-5
+
+
+def test_batched_sweep_equals_one_cell_at_a_time_and_a_hooked_loop(setup) -> None:
+    vlm, _, batch = setup
+    clean, corrupt = batch[:2], batch[2:]
+    kwargs = dict(site=["layer_out", "attn_out", "mlp_out"], positions=["vision", "last"], metric=M.kl_to_clean(),
+                  progress=False)
+    fast = sweep(vlm, clean, corrupt, max_rows=64, reuse_vision=True, **kwargs).frame
+    slow = sweep(vlm, clean, corrupt, max_rows=2, reuse_vision=False, **kwargs).frame
+    pd.testing.assert_frame_equal(fast, slow, atol=1e-6, rtol=0)
+    # a naive reference for one cell: raw torch hooks, one forward
+    with torch.no_grad():
+        clean_out = vlm.hf(**clean.inputs, output_hidden_states=True).hidden_states[3]
+        corrupt_logits = vlm.hf(**corrupt.inputs).logits[:, -1]
+    mask = corrupt.layout.mask("vision")
+
+    def hook(module, args, output):
+        out = output.clone()
+        out[mask] = clean_out[mask]
+        return out
+
+    handle = vlm.layers[2].envoy._module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            patched = vlm.hf(**corrupt.inputs).logits[:, -1]
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        clean_logits = vlm.hf(**clean.inputs).logits[:, -1]
+    expected = M.kl(clean_logits, patched)
+    cell = fast[(fast.site == "layer_out") & (fast.layer == 2) & (fast.positions == "vision")]
+    torch.testing.assert_close(torch.tensor(cell["value"].values, dtype=torch.float32), expected, atol=1e-6, rtol=0)
+    assert (M.kl(clean_logits, corrupt_logits) > 1e-4).all()
+
+
+def test_each_position_cells(setup) -> None:
+    vlm, _, batch = setup
+    result = sweep(vlm, batch[:1], batch[1:2], layers=[1], positions="each:vision", metric=M.kl_to_clean(),
+                   progress=False)
+    assert list(result.frame["positions"]) == [str(p) for p in batch.layout[0].spans["vision"]]
+    assert result.plot() is not None
+
+
+def _planted_pair(a: int, b: int):
+    """IN and RL checkpoints that differ only in decoder layers [a, b)."""
+    base = tiny_vlm("qwen2_5_vl", n_layers=5)
+    rl = copy.deepcopy(base.model)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in rl.named_parameters():
+            layer = next((int(p) for p in name.split(".") if p.isdigit()), None)
+            if ".language_model.layers." in name and a <= layer < b and param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    return vlm_probe.load(base), vlm_probe.load(rl, processor=base.processor), base
+
+
+def test_cross_patching_attributes_a_planted_difference_to_its_layers() -> None:
+    a, b = 1, 3
+    model_in, model_rl, tiny = _planted_pair(a, b)
+    batch = model_in.prepare(["how many red circles ?"] * 3, [[tiny.image(i)] for i in range(3)])
+    result = cross_patch(model_in, model_rl, batch, positions="all", names=("IN", "RL"), progress=False)
+    restored = result.summary().set_index("layer")["value"]
+    assert restored.loc[: a - 1].abs().max() < 1e-6, "layers before the planted ones restore nothing"
+    assert (restored.loc[b - 1 :] - 1).abs().max() < 1e-6, "from the last planted layer on, all is restored"
+    increments = layer_increments(result).set_index("layer")["increment"]
+    outside = [layer for layer in increments.index if not a <= layer < b]
+    assert increments.loc[outside].abs().max() < 1e-6
+    assert abs(increments.loc[list(range(a, b))].sum() - 1) < 1e-6
+    # the checkpoint-set front end runs both directions
+    models = vlm_probe.load_set(IN=model_in, RL=model_rl)
+    both = vlm_probe.analyses.cross_checkpoint_sweep(models, batch, positions="all", progress=False)
+    assert set(both.frame["receiver"]) == {"IN", "RL"}
+
+
+def test_cross_patch_refuses_different_architectures(setup, zoo) -> None:
+    vlm, _, batch = setup
+    other = vlm_probe.load(zoo("qwen2_5_vl", d_mlp=96))
+    with pytest.raises(vlm_probe.errors.CheckpointMismatchError):
+        cross_patch(vlm, other, batch, progress=False)
+
+
+def test_sweep_refuses_misaligned_batches(setup, zoo) -> None:
+    vlm, tiny, batch = setup
+    longer = vlm.prepare("how many red circles are there in this picture ?", images=[tiny.image(9)])
+    with pytest.raises(InputError, match="align"):
+        sweep(vlm, batch[:1], longer, progress=False)
+
+
+def test_layer_ablation_sweep_matches_single_runs(setup) -> None:
+    vlm, tiny, batch = setup
+    answers = ["3", "4", "5", "6"]
+    result = layer_ablation_sweep(vlm, batch[:2], answers[:2], layers=[1, 3], max_new_tokens=4, progress=False)
+    config = greedy_config(vlm, 4)
+    for layer in (1, 3):
+        with torch.no_grad(), vlm.generate(batch[:2], generation_config=config) as tracer:
+            for _ in tracer.iter[0:4]:
+                skip_layer(vlm, layer)
+            ids = tracer.result.save()
+        expected = vlm_probe.analyses.generation.decode_new(vlm, ids, batch.width)
+        got = list(result.frame[result.frame.layer == layer].sort_values("sample")["answer"])
+        assert got == expected
+    baseline = list(result.frame[result.frame.layer == -1]["answer"])
+    assert baseline == vlm_probe.analyses.generation.generate_texts(vlm, batch[:2], config)
+    assert {"value", "change", "low", "high"} <= set(result.summary().columns)
+
+
+def test_logprob_ablation_and_knockout_match_single_runs(setup, zoo) -> None:
+    vlm, tiny, _ = setup
+    batch = vlm.prepare(["how many red circles ?"] * 2, [[tiny.image(1)], [tiny.image(2)]], answers=["3", "4"])
+    ablation = layer_ablation_sweep(vlm, batch, level="logprob", progress=False)
+    ko = knockout_sweep(vlm, batch, queries="generated", keys="vision", level="logprob", progress=False)
+    ids = batch.inputs["input_ids"]
+
+    def answer_logprob(edit) -> torch.Tensor:
+        with torch.no_grad(), vlm.trace(batch):
+            edit()
+            logits = vlm.lm_head.output.save()
+        out = []
+        for r, layout in enumerate(batch.layout):
+            out.append(sum(float(logits[r, p - 1].log_softmax(-1)[ids[r, p]]) for p in layout.spans["answer"]))
+        return torch.tensor(out)
+
+    for layer in range(vlm.n_layers):
+        expected = answer_logprob(lambda: skip_layer(vlm, layer))
+        got = torch.tensor(list(ablation.frame[ablation.frame.layer == layer].sort_values("sample")["logprob"]))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        queries = torch.zeros_like(batch.layout.mask("vision"))
+        for r, layout in enumerate(batch.layout):
+            queries[r, layout.spans["last_prompt"][0]:] = True
+        expected = answer_logprob(lambda: knockout(vlm, layer, queries, batch.layout.mask("vision")))
+        got = torch.tensor(list(ko.frame[ko.frame.layer == layer].sort_values("sample")["logprob"]))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_results_save_and_load(setup, tmp_path) -> None:
+    vlm, _, batch = setup
+    result = sweep(vlm, batch[:2], batch[2:], positions="vision", progress=False)
+    result.save(tmp_path / "r")
+    back = Result.load(tmp_path / "r")
+    assert type(back).__name__ == "PatchingResult"
+    pd.testing.assert_frame_equal(back.to_frame(), result.to_frame())
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate's launcher is not installed")
+def test_sweep_split_across_two_processes_equals_one(tmp_path, setup) -> None:
+    vlm, _, batch = setup
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    out = tmp_path / "two.parquet"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(HERE / "scripts" / "dp_sweep.py"), str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "world=(1, 2)" in proc.stdout, "the sweep did not run in two processes"
+    two = pd.read_parquet(out)
+    one = sweep(vlm, batch[:2], batch[2:], site=["layer_out", "mlp_out"], positions=["vision", "last"],
+                progress=False).frame
+    pd.testing.assert_frame_equal(one, two, atol=1e-5, rtol=0)

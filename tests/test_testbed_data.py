@@ -1,0 +1,235 @@
+"""Testbed data: reproducible, answers right by an independent recount from the drawn pixels.
+
+The oracle here never calls the generator's labels: it reads each written PNG back, finds the
+shapes from pixels (a colour classifier by channel ratios and a shape classifier by how much
+of its bounding box a blob fills), re-derives every answer from the question text with its
+own parser, and checks the descriptions the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_probe.testbed import scenes, tasks
+from vlm_probe.testbed.datasets import write_datasets
+
+CELL, GRID = 14, 4
+PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle"}
+
+
+# ----------------------------------------------------------------------------- the independent oracle
+
+
+def colour_name(rgb: np.ndarray) -> str:
+    r, g, b = (int(v) for v in rgb)
+    if r > 150 and g > 150 and b < 100:
+        return "yellow"
+    if r > 150 and g < 100 and b < 100:
+        return "red"
+    if g > 150 and r < 100 and b < 100:
+        return "green"
+    if b > 150 and r < 100 and g < 150:
+        return "blue"
+    raise AssertionError(f"pixel {rgb} has no palette colour")
+
+
+def detect(path: Path) -> dict[tuple[int, int], tuple[str, str]]:
+    """(row, column) -> (colour, shape), read from the pixels of a rendered scene."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.shape == (GRID * CELL, GRID * CELL, 3)
+    found = {}
+    for row in range(GRID):
+        for col in range(GRID):
+            block = pixels[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
+            on = block.sum(axis=2) > 0
+            if not on.any():
+                continue
+            colours = {tuple(p) for p in block[on]}
+            assert len(colours) == 1, f"cell {(row, col)} of {path.name} mixes colours"
+            ys, xs = np.nonzero(on)
+            fill = on.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+            shape = "square" if fill > 0.95 else "circle" if fill > 0.7 else "triangle"
+            found[(row + 1, col + 1)] = (colour_name(block[on][0]), shape)
+    return found
+
+
+def count(found: dict, colour: str | None = None, shape: str | None = None) -> int:
+    return sum(1 for c, s in found.values() if colour in (None, c) and shape in (None, s))
+
+
+def answer_from_pixels(question: str, found: dict) -> str:
+    """Answer a question by parsing it and counting over detected shapes."""
+    q = question
+    if m := re.fullmatch(r"how many shapes are there(?: plus (\d+))? \?", q):
+        return str(len(found) + int(m.group(1) or 0))
+    if m := re.fullmatch(r"how many (\w+) shapes are there(?: plus (\d+))? \?", q):
+        return str(count(found, colour=m.group(1)) + int(m.group(2) or 0))
+    if m := re.fullmatch(r"how many (circles|squares|triangles) are there \?", q):
+        return str(count(found, shape=PLURALS[m.group(1)]))
+    if m := re.fullmatch(r"how many shapes are not (\w+) \?", q):
+        return str(len(found) - count(found, colour=m.group(1)))
+    if m := re.fullmatch(r"what color is the shape in row (\d) column (\d) \?", q):
+        return found[(int(m.group(1)), int(m.group(2)))][0]
+    if m := re.fullmatch(r"what shape is in row (\d) column (\d) \?", q):
+        return found[(int(m.group(1)), int(m.group(2)))][1]
+    if m := re.fullmatch(r"which (row|column) is the (\w+) (\w+) in \?", q):
+        cells = [cell for cell, kind in found.items() if kind == (m.group(2), m.group(3))]
+        assert len(cells) == 1, f"{q!r} is ambiguous: {cells}"
+        return str(cells[0][0] if m.group(1) == "row" else cells[0][1])
+    if m := re.fullmatch(r"are there more (\w+) shapes than (\w+) shapes \?", q):
+        return "yes" if count(found, colour=m.group(1)) > count(found, colour=m.group(2)) else "no"
+    if m := re.fullmatch(r"are there more (\w+) than (\w+) \?", q):
+        return "yes" if count(found, shape=PLURALS[m.group(1)]) > count(found, shape=PLURALS[m.group(2)]) else "no"
+    raise AssertionError(f"unparsed question {q!r}")
+
+
+def answer_text(question: str) -> str:
+    if m := re.fullmatch(r"what is ([\d ]+(?:(?:plus|minus) \d+ ?)+)\?", question):
+        expression = m.group(1).replace("plus", "+").replace("minus", "-")
+        return str(eval(expression))  # noqa: S307 - digits and +/- only, matched above
+    if m := re.fullmatch(r"is (\d+) more than (\d+) \?", question):
+        return "yes" if int(m.group(1)) > int(m.group(2)) else "no"
+    raise AssertionError(f"unparsed question {question!r}")
+
+
+def parse_description(text: str) -> dict[tuple[int, int], tuple[str, str]]:
+    assert text.startswith("the image has ") and text.endswith(" .")
+    body = text[len("the image has ") : -2]
+    found = {}
+    for part in body.split(" , "):
+        m = re.fullmatch(r"a (\w+) (\w+) in row (\d) column (\d)", part)
+        assert m, part
+        found[(int(m.group(3)), int(m.group(4)))] = (m.group(1), m.group(2))
+    return found
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_datasets(
+        tmp_path_factory.mktemp("data") / "set", seed=5, counts={"perception": 70, "v2r": 50, "text": 40},
+        swap_per_task=12,
+    )
+
+
+def test_vqa_answers_match_an_independent_recount(dataset) -> None:
+    for name in ("perception", "v2r"):
+        rows = read_jsonl(dataset / f"{name}.jsonl")
+        assert len(rows) == {"perception": 70, "v2r": 50}[name]
+        assert {r["task"] for r in rows} == set(tasks.TASKS[name])  # every task represented
+        for row in rows:
+            assert set(row) == {"id", "question", "image", "answer", "category", "description", "task"}
+            assert row["category"] == name
+            found = detect(dataset / row["image"])
+            assert answer_from_pixels(row["question"], found) == row["answer"], row
+            assert parse_description(row["description"]) == found, row["id"]
+
+
+def test_text_answers_and_format(dataset) -> None:
+    rows = read_jsonl(dataset / "text.jsonl")
+    assert len(rows) == 40
+    for row in rows:
+        assert set(row) == {"id", "question", "answer", "category"}
+        assert answer_text(row["question"]) == row["answer"], row
+
+
+def test_swap_pairs_differ_and_are_right(dataset) -> None:
+    rows = read_jsonl(dataset / "swap.jsonl")
+    assert len(rows) == 12 * len(tasks.SWAP_TASKS)
+    for row in rows:
+        assert set(row) == {"id", "task", "target_image", "source_image", "prompt", "meta"}
+        target, source = detect(dataset / row["target_image"]), detect(dataset / row["source_image"])
+        meta = row["meta"]
+        assert answer_from_pixels(row["prompt"], target) == meta["target_answer"], row
+        assert answer_from_pixels(row["prompt"], source) == meta["source_answer"], row
+        assert meta["target_answer"] != meta["source_answer"]
+        assert Image.open(dataset / row["target_image"]).size == Image.open(dataset / row["source_image"]).size
+        assert parse_description(meta["source_description"]) == source
+        # minimal edits: the scenes differ in at most two cells
+        changed = {c for c in set(target) | set(source) if target.get(c) != source.get(c)}
+        assert 1 <= len(changed) <= 2, row["id"]
+
+
+def test_datasets_are_reproducible(dataset, tmp_path) -> None:
+    again = write_datasets(tmp_path / "again", seed=5, counts={"perception": 70, "v2r": 50, "text": 40},
+                           swap_per_task=12)
+    for name in ("perception.jsonl", "v2r.jsonl", "text.jsonl", "swap.jsonl"):
+        assert (again / name).read_bytes() == (dataset / name).read_bytes()
+    assert (again / "images" / "swap-counting-00003-source.png").read_bytes() == (
+        dataset / "images" / "swap-counting-00003-source.png"
+    ).read_bytes()
+    other = write_datasets(tmp_path / "other", seed=6, counts={"perception": 70}, swap_per_task=1)
+    assert (other / "perception.jsonl").read_text() != (dataset / "perception.jsonl").read_text()
+
+
+def test_write_refuses_an_existing_folder(dataset) -> None:
+    from vlm_probe.errors import VLMProbeError
+
+    with pytest.raises(VLMProbeError, match="already exists"):
+        write_datasets(dataset, seed=5)
+
+
+def test_training_stream_is_seeded_and_excludes_held_out_items() -> None:
+    mixture = tuple((family, 1.0) for family in tasks.FAMILIES)
+    first = [i.key + i.answer for i in tasks.ItemStream(3, mixture).take(200)]
+    assert first == [i.key + i.answer for i in tasks.ItemStream(3, mixture).take(200)]
+    assert first != [i.key + i.answer for i in tasks.ItemStream(4, mixture).take(200)]
+    held = tasks.held_out_items(9, {"perception": 30, "v2r": 30})
+    scene_keys = {i.key for i in held}
+    stream = tasks.ItemStream(3, mixture, exclude=frozenset(scene_keys))
+    assert not scene_keys & {i.key for i in stream.take(500)}
+
+
+def test_described_items_carry_the_scene_in_text_and_a_blank_image() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        item = tasks.make_item(rng, "described", blank_colors=tasks.BLANK_COLORS)
+        description, question = item.question.split(" . ", 1)
+        found = parse_description(description + " .")
+        assert answer_from_pixels(question, found) == item.answer
+        pixels = np.asarray(item.picture())
+        assert (pixels == pixels[0, 0]).all()  # uniform
+
+
+def test_every_prompt_tokenizes_without_unknown_words(zoo) -> None:
+    tok = zoo("qwen2_5_vl").tokenizer
+    rng = np.random.default_rng(1)
+    texts = set()
+    for family in tasks.FAMILIES:
+        for _ in range(100):
+            item = tasks.make_item(rng, family)
+            texts |= {item.question, item.answer}
+    for task in tasks.SWAP_TASKS:
+        pair = tasks.swap_pair(rng, task)
+        texts |= {pair.prompt, pair.target.describe(), pair.target_answer, pair.source_answer}
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, text
+    for answer in {t for t in texts if " " not in t}:
+        assert len(tok(answer, add_special_tokens=False)["input_ids"]) == 1, answer
+
+
+def test_scene_rules_and_rendering() -> None:
+    with pytest.raises(ValueError, match="share a cell"):
+        scenes.Scene((scenes.Shape(1, 1, "red", "circle"), scenes.Shape(1, 1, "blue", "square")))
+    with pytest.raises(ValueError, match="outside"):
+        scenes.Scene((scenes.Shape(5, 1, "red", "circle"),))
+    scene = scenes.Scene((scenes.Shape(2, 3, "blue", "triangle"),))
+    pixels = scenes.render_array(scene)
+    assert (pixels[:14].sum() == 0) and pixels[14:28, 28:42].any()
+    with pytest.raises(ValueError, match="Unknown task family"):
+        tasks.make_item(np.random.default_rng(0), "vision")
+    with pytest.raises(ValueError, match="Unknown mixture entry"):
+        tasks.parse_mixture((("perception/colour", 1.0),))
