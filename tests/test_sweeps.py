@@ -211,5 +211,5 @@ def test_sweep_split_across_two_processes_equals_one(tmp_path, setup) -> None:
     assert "world=(1, 2)" in proc.stdout, "the sweep did not run in two processes"
     two = pd.read_parquet(out)
     one = sweep(vlm, batch[:2], batch[2:], site=["layer_out", "mlp_out"], positions=["vision", "last"],
-                progress=False).frame
+                metric=M.kl_to_clean(), progress=False).frame
     pd.testing.assert_frame_equal(one, two, atol=1e-5, rtol=0)

@@ -374,6 +374,20 @@ def test_nonfinite_values_are_reported_not_aggregated(chain, tmp_path) -> None:
     assert result.meta["warnings"] and len(result.nonfinite()) == 1
 
 
+def test_float32_overflow_is_redone_in_float64_not_reported_as_nonfinite(chain, tmp_path) -> None:
+    tensors = {"model.layers.0.mlp.up_proj.weight": torch.full((8, 8), 3e19), "model.norm.weight": torch.ones(4),
+               "model.layers.0.mlp.position_ids": torch.arange(6)}  # an integer buffer: skipped, listed in meta
+    a = write_checkpoint(tmp_path / "a", tensors, chain["Base"])
+    tensors = {**tensors, "model.layers.0.mlp.up_proj.weight": torch.full((8, 8), 3.5e19)}
+    b = write_checkpoint(tmp_path / "b", tensors, chain["Base"])
+    result = compare_weights({"A": a, "B": b}, svd="none", quiet=True)
+    row = result.frame.set_index("tensor").loc["model.language_model.layers.0.mlp.up_proj.weight"]
+    assert row["nonfinite"] == "" and row["energy"] == pytest.approx(64 * (float(np.float32(3.5e19)) - float(np.float32(3e19))) ** 2)
+    assert row["weight_norm"] == pytest.approx(8 * float(np.float32(3e19)))
+    assert result.meta["skipped"] == [{"tensor": "model.language_model.layers.0.mlp.position_ids",
+                                       "reason": "not floating point (torch.int64)"}]
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

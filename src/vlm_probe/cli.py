@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .errors import VLMProbeError
 
 #: Modules that register subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("evaluation.commands",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,15 @@ from ..model.inputs import Batch
 from ..results import Result
 from ..stats import bootstrap, paired_difference
 from .batched import capture, chunks, repeat_rows
-from .generation import config_record, decode_new, eos_ids, exact_match, fixed_steps, greedy_config
+from .generation import (
+    config_record,
+    decode_new,
+    eos_ids,
+    exact_match,
+    fixed_steps,
+    generation_defaults,
+    greedy_config,
+)
 from .parallel import gather_frame, shard_indices
 
 Apply = Callable[[Any, Batch, Sequence[Any], int, int], None]
@@ -126,7 +134,8 @@ def run_variants(
         batch = repeat_rows(base, k)
         if level == "answer":
             steps = config.max_new_tokens
-            with torch.no_grad(), vlm.generate(batch, generation_config=fixed_steps(config)) as tracer:
+            with torch.no_grad(), generation_defaults(vlm.hf, fixed_steps(config)), \
+                    vlm.generate(batch, generation_config=fixed_steps(config)) as tracer:
                 if vision is not None:
                     vlm.vision.root.skip(vision.tiled(k))
                 for _ in tracer.iter[0:steps]:

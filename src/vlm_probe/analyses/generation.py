@@ -1,58 +1,130 @@
-"""Greedy generation with an explicit, recorded configuration.
+"""Greedy generation with an explicit, recorded configuration (plain and traced).
 
-Checkpoints ship generation defaults (sampling, repetition penalties) that would make
-answer-level probes irreproducible; analyses always pass :func:`greedy_config`, which
-overrides them and never lets the image placeholder be generated (the next forward would
-fail: image features and image tokens no longer match).
+Checkpoints ship their own ``generation_config.json`` (sampling temperatures, top-p,
+repetition penalties) that ``generate`` would silently apply. :func:`greedy_config` builds a
+complete config that overrides them: greedy decoding, one beam, no repetition penalty, the
+model's pad/eos ids, and the image (and video) placeholder tokens suppressed: a generated
+placeholder makes the next forward fail with "Image features and image tokens do not match".
+
+Passing a config to ``generate`` is not enough on its own: transformers fills every field the
+passed config leaves unset (``None``) from the checkpoint's ``generation_config`` (a
+checkpoint's ``num_return_sequences`` or ``no_repeat_ngram_size`` would leak in). Every
+generation here runs inside :func:`generation_defaults`, which sets the checkpoint's config
+aside for the call and restores it afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
+from ..model.inputs import Batch
 
-def greedy_config(vlm: Any, max_new_tokens: int = 16, **overrides: Any) -> GenerationConfig:
-    """Greedy decoding: no sampling, one beam, no repetition penalty, image token suppressed."""
+#: Anything that turns a prepared batch into one generated text (or :class:`Generation`) per row.
+Generator = Callable[[Batch], Sequence["str | Generation"]]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated continuation: its text, its length in tokens, and whether it ended (eos)."""
+
+    text: str
+    n_tokens: int | None = None
+    finished: bool | None = None
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def placeholder_token_ids(vlm: Any) -> list[int]:
+    """Token ids generation must never emit: the image placeholder, and the video one if any."""
+    config = vlm.hf.config
+    ids = [int(vlm.image_token_id)]
+    for name in ("video_token_id", "video_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    return ids
+
+
+def greedy_config(vlm: Any, max_new_tokens: int = 64, **overrides: Any) -> GenerationConfig:
+    """A complete greedy :class:`~transformers.GenerationConfig` for ``vlm``.
+
+    ``do_sample=False, num_beams=1, repetition_penalty=1.0``, sampling knobs unset, pad id
+    from the tokenizer, eos ids from the checkpoint's generation config and the tokenizer, and
+    ``suppress_tokens`` = the image/video placeholder ids. ``overrides`` change any field.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     tokenizer = vlm.tokenizer
-    eos = vlm.hf.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    settings: dict[str, Any] = dict(
+    checkpoint = getattr(vlm.hf, "generation_config", None)
+    eos = _ids(getattr(checkpoint, "eos_token_id", None))
+    for extra in _ids(tokenizer.eos_token_id):
+        if extra not in eos:
+            eos.append(extra)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    fields: dict[str, Any] = dict(
         do_sample=False,
         num_beams=1,
+        repetition_penalty=1.0,
         temperature=None,
         top_p=None,
         top_k=None,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
-        suppress_tokens=[vlm.image_token_id],
+        max_new_tokens=int(max_new_tokens),
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+        bos_token_id=getattr(checkpoint, "bos_token_id", None),
+        suppress_tokens=placeholder_token_ids(vlm),
+        use_cache=True,
     )
-    settings.update(overrides)
-    return GenerationConfig(**settings)
+    fields.update(overrides)
+    return GenerationConfig(**fields)
+
+
+@contextlib.contextmanager
+def generation_defaults(model: Any, config: GenerationConfig) -> Iterator[None]:
+    """Within the block, ``model.generation_config`` is a copy of ``config``; restored on exit.
+
+    Use it around ``model.generate(..., generation_config=config)`` (or a traced
+    ``vlm.generate``) so that no field of the checkpoint's own generation config fills in a
+    field ``config`` leaves unset.
+    """
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(config)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def config_record(config: GenerationConfig) -> dict[str, Any]:
-    """The generation settings that matter, for result metadata."""
-    keys = ("do_sample", "num_beams", "repetition_penalty", "max_new_tokens", "eos_token_id", "suppress_tokens")
-    return {k: getattr(config, k) for k in keys}
+    """The fields of a generation config that decide the output, for run metadata."""
+    keys = ("do_sample", "num_beams", "repetition_penalty", "temperature", "top_p", "top_k", "max_new_tokens",
+            "pad_token_id", "eos_token_id", "bos_token_id", "suppress_tokens", "bad_words_ids", "length_penalty",
+            "no_repeat_ngram_size", "min_new_tokens")
+    return {k: getattr(config, k, None) for k in keys}
 
 
 def eos_ids(vlm: Any, config: GenerationConfig | None = None) -> set[int]:
     """The end-of-sequence ids: the config's, else the checkpoint's, else the tokenizer's."""
-    eos = config.eos_token_id if config is not None and config.eos_token_id is not None else None
-    if eos is None:
-        eos = vlm.hf.generation_config.eos_token_id
-    if eos is None:
-        eos = vlm.tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+    for source in (config, vlm.hf.generation_config):
+        ids = _ids(getattr(source, "eos_token_id", None)) if source is not None else []
+        if ids:
+            return set(ids)
+    return set(_ids(vlm.tokenizer.eos_token_id))
 
 
 def fixed_steps(config: GenerationConfig) -> GenerationConfig:
@@ -61,27 +133,55 @@ def fixed_steps(config: GenerationConfig) -> GenerationConfig:
     A trace looping over ``tracer.iter[0:n]`` needs all ``n`` steps to happen; answers are cut
     at the first end-of-sequence token by :func:`decode_new`, so they equal early-stopped ones.
     """
-    copy = GenerationConfig(**config.to_dict())
-    copy.eos_token_id = None
-    return copy
+    steps = copy.deepcopy(config)
+    steps.eos_token_id = None
+    return steps
+
+
+def split_new(vlm: Any, ids: Tensor, prompt_width: int, eos: set[int]) -> list[Generation]:
+    """The generated part of each row, cut at its first end-of-sequence token."""
+    out = []
+    for row in ids[:, prompt_width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in eos), None)
+        kept = row if end is None else row[:end]
+        text = vlm.tokenizer.decode(kept, skip_special_tokens=True)
+        out.append(Generation(re.sub(r"\s+", " ", text).strip(), len(kept), end is not None))
+    return out
 
 
 def decode_new(vlm: Any, ids: Tensor, prompt_width: int, eos: set[int] | None = None) -> list[str]:
-    """Decode the generated part of each row up to its first end-of-sequence token."""
-    eos = eos_ids(vlm) if eos is None else eos
-    texts = []
-    for row in ids[:, prompt_width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        texts.append(vlm.tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return [re.sub(r"\s+", " ", t).strip() for t in texts]
+    """Decoded texts of the generated part of each row, up to its first end-of-sequence token."""
+    return [g.text for g in split_new(vlm, ids, prompt_width, eos_ids(vlm) if eos is None else eos)]
 
 
-def generate_texts(vlm: Any, batch: Any, config: GenerationConfig) -> list[str]:
+class GreedyGenerator:
+    """``vlm.hf.generate`` with an explicit greedy config; decodes only the new tokens.
+
+    Call it on a :class:`~vlm_probe.model.inputs.Batch` prepared by the same ``vlm`` (left
+    padded); returns one :class:`Generation` per row.
+    """
+
+    def __init__(self, vlm: Any, max_new_tokens: int = 64, config: GenerationConfig | None = None) -> None:
+        self.vlm = vlm
+        self.config = config if config is not None else greedy_config(vlm, max_new_tokens)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"generator": "greedy", "generation_config": config_record(self.config)}
+
+    def __call__(self, batch: Batch) -> list[Generation]:
+        hf = self.vlm.hf
+        device = next(hf.parameters()).device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
+        inputs.pop("position_ids", None)  # generate derives positions from the attention mask
+        with torch.inference_mode(), generation_defaults(hf, self.config):
+            out = hf.generate(**inputs, generation_config=self.config)
+        return split_new(self.vlm, out.cpu(), batch.width, set(_ids(self.config.eos_token_id)))
+
+
+def generate_texts(vlm: Any, batch: Batch, config: GenerationConfig) -> list[str]:
     """Plain greedy generation (no intervention) of every row of ``batch``."""
-    inputs = {k: v.to(vlm.hf.device) for k, v in batch.inputs.items() if k != "position_ids"}
-    with torch.no_grad():
-        ids = vlm.hf.generate(**inputs, generation_config=config)
-    return decode_new(vlm, ids, batch.width, eos_ids(vlm, config))
+    return [g.text for g in GreedyGenerator(vlm, config=config)(batch)]
 
 
 def normalize_answer(text: str) -> str:

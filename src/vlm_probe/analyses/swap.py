@@ -28,7 +28,15 @@ from ..model.inputs import Batch, align
 from ..results import Result
 from ..stats import bootstrap
 from .batched import capture, chunks, repeat_rows
-from .generation import config_record, decode_new, eos_ids, exact_match, generate_texts, greedy_config
+from .generation import (
+    config_record,
+    decode_new,
+    eos_ids,
+    exact_match,
+    generate_texts,
+    generation_defaults,
+    greedy_config,
+)
 from .parallel import gather_frame, shard_indices
 
 Grader = Callable[[str, str], bool]
@@ -155,7 +163,7 @@ def vision_swap_sweep(
             k = len(chunk)
             batch = repeat_rows(tgt, k)
             vis_mask = batch.layout.mask("vision")
-            with torch.no_grad(), vlm.generate(batch, generation_config=config) as tracer:
+            with torch.no_grad(), generation_defaults(vlm.hf, config), vlm.generate(batch, generation_config=config) as tracer:
                 if vision is not None:
                     vlm.vision.root.skip(vision.tiled(k))
                 for layer in needed:

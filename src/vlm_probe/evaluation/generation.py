@@ -1,148 +1,22 @@
-"""Greedy generation with an explicit, recorded generation config.
+"""Greedy generation for evaluation runs: the shared implementation in
+:mod:`vlm_probe.analyses.generation` (one explicit config for analyses and evaluation alike)."""
 
-Checkpoints ship their own ``generation_config.json`` (sampling temperatures, top-p,
-repetition penalties) that ``generate`` would silently apply. :func:`greedy_config` builds a
-complete config that overrides them: greedy decoding, one beam, no repetition penalty, the
-model's pad/eos ids, and the image (and video) placeholder tokens suppressed: a generated
-placeholder makes the next forward fail with "Image features and image tokens do not match".
+from ..analyses.generation import (
+    Generation,
+    Generator,
+    GreedyGenerator,
+    config_record,
+    generation_defaults,
+    greedy_config,
+    placeholder_token_ids,
+)
 
-Passing a config to ``generate`` is not enough on its own: transformers fills every field the
-passed config leaves unset (``None``) from the checkpoint's ``generation_config`` (a
-checkpoint's ``num_return_sequences`` or ``no_repeat_ngram_size`` would leak in).
-:class:`GreedyGenerator` therefore runs ``generate`` inside :func:`generation_defaults`, which
-sets the checkpoint's config aside for the call and restores it afterwards.
-"""
-
-from __future__ import annotations
-
-import contextlib
-import copy
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-from transformers import GenerationConfig
-
-from ..model.inputs import Batch
-
-#: Anything that turns a prepared batch into one generated text (or :class:`Generation`) per row.
-Generator = Callable[[Batch], Sequence["str | Generation"]]
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One generated continuation: its text, its length in tokens, and whether it ended (eos)."""
-
-    text: str
-    n_tokens: int | None = None
-    finished: bool | None = None
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(value)]
-
-
-def placeholder_token_ids(vlm: Any) -> list[int]:
-    """Token ids generation must never emit: the image placeholder, and the video one if any."""
-    config = vlm.hf.config
-    ids = [int(vlm.image_token_id)]
-    for name in ("video_token_id", "video_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value not in ids:
-            ids.append(value)
-    return ids
-
-
-def greedy_config(vlm: Any, max_new_tokens: int = 64, **overrides: Any) -> GenerationConfig:
-    """A complete greedy :class:`~transformers.GenerationConfig` for ``vlm``.
-
-    ``do_sample=False, num_beams=1, repetition_penalty=1.0``, sampling knobs unset, pad id
-    from the tokenizer, eos ids from the checkpoint's generation config and the tokenizer, and
-    ``suppress_tokens`` = the image/video placeholder ids. ``overrides`` change any field.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    tokenizer = vlm.tokenizer
-    checkpoint = getattr(vlm.hf, "generation_config", None)
-    eos = _ids(getattr(checkpoint, "eos_token_id", None))
-    for extra in _ids(tokenizer.eos_token_id):
-        if extra not in eos:
-            eos.append(extra)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
-    fields: dict[str, Any] = dict(
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        max_new_tokens=int(max_new_tokens),
-        pad_token_id=pad,
-        eos_token_id=eos or None,
-        bos_token_id=getattr(checkpoint, "bos_token_id", None),
-        suppress_tokens=placeholder_token_ids(vlm),
-        use_cache=True,
-    )
-    fields.update(overrides)
-    return GenerationConfig(**fields)
-
-
-@contextlib.contextmanager
-def generation_defaults(model: Any, config: GenerationConfig) -> Iterator[None]:
-    """Within the block, ``model.generation_config`` is a copy of ``config``; restored on exit.
-
-    Use it around ``model.generate(..., generation_config=config)`` so that no field of the
-    checkpoint's own generation config fills in a field ``config`` leaves unset.
-    """
-    saved = model.generation_config
-    model.generation_config = copy.deepcopy(config)
-    try:
-        yield
-    finally:
-        model.generation_config = saved
-
-
-def config_record(config: GenerationConfig) -> dict[str, Any]:
-    """The fields of a generation config that decide the output, for run metadata."""
-    keys = ("do_sample", "num_beams", "repetition_penalty", "temperature", "top_p", "top_k", "max_new_tokens",
-            "pad_token_id", "eos_token_id", "bos_token_id", "suppress_tokens", "bad_words_ids", "length_penalty",
-            "no_repeat_ngram_size", "min_new_tokens")
-    return {k: getattr(config, k, None) for k in keys}
-
-
-class GreedyGenerator:
-    """``vlm.hf.generate`` with an explicit greedy config; decodes only the new tokens.
-
-    Call it on a :class:`~vlm_probe.model.inputs.Batch` prepared by the same ``vlm`` (left
-    padded); returns one :class:`Generation` per row.
-    """
-
-    def __init__(self, vlm: Any, max_new_tokens: int = 64, config: GenerationConfig | None = None) -> None:
-        self.vlm = vlm
-        self.config = config if config is not None else greedy_config(vlm, max_new_tokens)
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return {"generator": "greedy", "generation_config": config_record(self.config)}
-
-    def __call__(self, batch: Batch) -> list[Generation]:
-        hf = self.vlm.hf
-        device = next(hf.parameters()).device
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
-        inputs.pop("position_ids", None)  # generate derives positions from the attention mask
-        with torch.inference_mode(), generation_defaults(hf, self.config):
-            out = hf.generate(**inputs, generation_config=self.config)
-        new = out[:, batch.width:].cpu()
-        stops = set(_ids(self.config.eos_token_id))
-        results = []
-        for row in new.tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            kept = row if end is None else row[:end]
-            text = self.vlm.tokenizer.decode(kept, skip_special_tokens=True)
-            results.append(Generation(text.strip(), len(kept), end is not None))
-        return results
+__all__ = [
+    "Generation",
+    "Generator",
+    "GreedyGenerator",
+    "config_record",
+    "generation_defaults",
+    "greedy_config",
+    "placeholder_token_ids",
+]

@@ -17,11 +17,12 @@ build leaves nothing that looks finished; an existing folder is reused unless ``
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "vlm_probe"
 
 
-def testbed_path(recipe: Recipe, cache_dir: str | os.PathLike | None = None) -> Path:
+def build_dir(recipe: Recipe, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the build of ``recipe`` lives (whether or not it exists yet)."""
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     size = "reduced-" if recipe.reduced else ""
@@ -156,6 +157,21 @@ class _Clock:
         return _Timer()
 
 
+@contextmanager
+def _hf_bars(quiet: bool) -> Iterator[None]:
+    """Silence transformers' own progress bars for the block when ``quiet`` (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _say(quiet: bool, message: str) -> None:
     if not quiet:
         print(f"[testbed] {message}", flush=True)
@@ -187,12 +203,12 @@ def build_testbed(
         recipe = Recipe.reduced_size() if reduced else Recipe()
     if seed is not None:
         recipe = recipe.replace(seed=seed)
-    path = testbed_path(recipe, cache_dir)
+    path = build_dir(recipe, cache_dir)
     if path.is_dir() and (path / "build.json").is_file() and not force:
         _say(quiet, f"using the cached build {path}")
         return Testbed(path, recipe)
     _say(quiet, f"building {recipe.family} seed {recipe.seed} into {path}")
-    with atomic_directory(path, overwrite=True) as tmp:
+    with _hf_bars(quiet), atomic_directory(path, overwrite=True) as tmp:
         info = _build_into(tmp, recipe, quiet)
         atomic_write_json(tmp / "recipe.json", recipe.to_dict())
         atomic_write_json(tmp / "build.json", info)
@@ -227,17 +243,16 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool) -> dict[str, Any]:
                     weight_decay=stage_recipe.weight_decay, desc=name, quiet=quiet,
                 )
                 _save(model, processor, encoder, directory / _DIRS["base" if name == "Base" else "in"])
-        reference = copy.deepcopy(model).eval()
         _say(quiet, f"RL: {recipe.rl.steps} steps of {recipe.rl.prompts} prompts x {recipe.rl.group} samples")
         with clock.stage("RL"):
-            rl_log = _run_rl(model, reference, encoder, recipe, recipe.rl.freeze or None, exclude, quiet)
-            _save(model, processor, encoder, directory / "rl")
+            # policy and reference start from the saved IN checkpoint, exactly as build_rl_variant does
+            policy, _ = _model_from(directory / "in")
+            reference, _ = _model_from(directory / "in")
+            rl_log = _run_rl(policy, reference, encoder, recipe, recipe.rl.freeze or None, exclude, quiet)
+            _save(policy, processor, encoder, directory / "rl")
         with clock.stage("evaluate"):
             accuracy = {}
-            for name in ("Base", "IN", "RL"):
-                weights = reference if name == "IN" else model
-                if name == "Base":
-                    weights, _ = _model_from(directory / "base")
+            for name, weights in (("Base", _model_from(directory / "base")[0]), ("IN", reference), ("RL", policy)):
                 accuracy[name] = evaluate(weights, encoder, held_out).accuracy()
     _say(quiet, "held-out accuracy " + json.dumps({k: {f: round(v, 3) for f, v in a.items()} for k, a in accuracy.items()}))
     return {
@@ -298,14 +313,15 @@ def build_rl_variant(
         _say(quiet, f"using the cached variant {path}")
         return path
     recipe = testbed.recipe
-    policy, processor = _model_from(testbed.checkpoint("IN"))
-    reference, _ = _model_from(testbed.checkpoint("IN"))
+    with _hf_bars(quiet):
+        policy, processor = _model_from(testbed.checkpoint("IN"))
+        reference, _ = _model_from(testbed.checkpoint("IN"))
     encoder = Encoder(policy, processor, get_spec(policy.config))
     exclude = _exclusions(testbed.held_out(), testbed.swap_pairs())
     _say(quiet, f"RL variant {name}: freezing {describe_freeze(freeze)}")
     start, cpu = time.perf_counter(), time.process_time()
     log = _run_rl(policy, reference, encoder, recipe, freeze, exclude, quiet, seed_offset=rl_seed)
-    with atomic_directory(path, overwrite=True) as tmp:
+    with _hf_bars(quiet), atomic_directory(path, overwrite=True) as tmp:
         _save(policy, processor, encoder, tmp)
         atomic_write_json(tmp / "variant.json", {
             "freeze": describe_freeze(freeze), "rl_seed": rl_seed, "rl_log": log,

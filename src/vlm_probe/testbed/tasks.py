@@ -9,6 +9,10 @@ Families (an item's ``family``, the harness's ``category``):
 * ``described``: the ``v2r`` questions asked about a text description of the scene, with a
   blank image (the M_v2r condition), so that a model trained here can be scored on it.
 
+A training-only family, ``caption`` ("describe the image ." answered by the scene's full
+description), gives the Base stage dense perception supervision (every shape's colour, kind
+and cell is a target token), as captioning does in real VLM pre-training.
+
 Swap pairs (:func:`swap_pair`) put one prompt over two same-size scenes whose answers differ;
 source scenes are minimal edits of their targets (one shape added, recoloured or moved).
 
@@ -191,12 +195,14 @@ V2R: dict[str, SceneTask] = {
     "more_shape": _more_shape,
 }
 TEXT: dict[str, TextTask] = {"add": _add, "sub": _sub, "add3": _add3, "more": _more}
+CAPTION: dict[str, SceneTask] = {"describe": lambda rng, scene: ("describe the image .", scene.describe())}
 #: Tasks of each family (``described`` asks the ``v2r`` questions about a description).
 TASKS: dict[str, tuple[str, ...]] = {
     "perception": tuple(PERCEPTION),
     "v2r": tuple(V2R),
     "text": tuple(TEXT),
     "described": tuple(V2R),
+    "caption": ("describe",),
 }
 
 
@@ -224,14 +230,14 @@ def make_item(
 ) -> Item:
     """Draw one item of ``family`` (and ``task``, else a uniformly chosen task of the family)."""
     if family not in TASKS:
-        raise ValueError(f"Unknown task family {family!r}; known: {', '.join(FAMILIES)}.")
+        raise ValueError(f"Unknown task family {family!r}; known: {', '.join(TASKS)}.")
     task = task or _pick(rng, TASKS[family])
     if task not in TASKS[family]:
         raise ValueError(f"Family {family!r} has no task {task!r}; its tasks: {', '.join(TASKS[family])}.")
     if family == "text":
         question, answer = TEXT[task](rng)
         return Item(item_id, family, task, question, answer, None, "none")
-    make = PERCEPTION[task] if family == "perception" else V2R[task]
+    make = {"perception": PERCEPTION, "caption": CAPTION}.get(family, V2R)[task]
     while True:
         scene = random_scene(rng, grid=scenes.grid, min_shapes=scenes.min_shapes, max_shapes=scenes.max_shapes)
         qa = make(rng, scene)
@@ -255,7 +261,7 @@ def parse_mixture(mixture: Mixture) -> tuple[list[tuple[str, str | None]], np.nd
         family, _, task = name.partition("/")
         if family not in TASKS or (task and task not in TASKS[family]):
             raise ValueError(
-                f"Unknown mixture entry {name!r}: use a family ({', '.join(FAMILIES)}) or family/task, "
+                f"Unknown mixture entry {name!r}: use a family ({', '.join(TASKS)}) or family/task, "
                 f"e.g. 'perception/color_at'."
             )
         if weight < 0:

@@ -11,6 +11,7 @@ while its pages are still in the OS cache.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -137,7 +138,7 @@ def compare_weights(
             (``(8, 20)`` or ``"8,20"``); default thirds.
         svd: ``"auto"``, ``"exact"``, ``"randomized"`` or ``"none"`` (norms only), or an
             :class:`~vlm_probe.weights.SVDConfig`.
-        top_k: singular values and vectors kept per delta.
+        top_k: singular values and vectors kept per delta (when ``svd`` is a mode name).
         include: regular expression on module-path tensor names; only matching tensors are compared.
         allow_pickle: accept pickle-only checkpoints (they can run code when loaded).
         chunk_elements: elements read per chunk and checkpoint.
@@ -232,7 +233,7 @@ def compare_weights(
         "cuts": cut.as_dict(),
         "n_layers": ref.n_layers,
         "vision_depths": list(ref.vision_depths),
-        "svd": {**config.__dict__, "device": str(config.resolved_device()) if config.mode != "none" else "n/a"},
+        "svd": {**dataclasses.asdict(config), "device": str(config.resolved_device()) if config.mode != "none" else "n/a"},
         "include": include,
         "skipped": skipped,
         "warnings": [f"non-finite values: {note}" for note in nonfinite_notes],

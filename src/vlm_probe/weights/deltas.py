@@ -75,6 +75,9 @@ class NormKernel:
             changed=[0] * len(self.pairs),
         )
 
+    #: elements per inner step: the working set (a few float32 buffers) stays in cache
+    inner: int = 1 << 18
+
     def _workspace(self, count: int) -> None:
         if count <= self._size:
             return
@@ -86,26 +89,28 @@ class NormKernel:
 
     def update(self, acc: TensorNorms, views: Sequence[torch.Tensor]) -> None:
         """Add one piece (``views[i]``: flat tensor of source ``i``, any float dtype)."""
-        n = views[0].numel()
-        self._workspace(n)
-        w = [buf[:n] for buf in self._w]
-        for i, view in enumerate(views):
-            w[i].copy_(view)
-        for i in self.weight_sources:
-            acc.weight_sq[i] += float(torch.dot(w[i], w[i]))
-        d = [buf[:n] for buf in self._d]
-        for s, (a, b) in enumerate(self.steps):
-            torch.sub(w[b], w[a], out=d[s])
-            acc.delta_sq[s] += float(torch.dot(d[s], d[s]))
-        if self.pairs:
-            p = self._p[:n]
-            p_np = p.numpy()
-            mask = self._mask[:n]
-            for k, (s, t) in enumerate(self.pairs):
-                torch.mul(d[s], d[t], out=p)
-                acc.dot[k] += float(p.sum())
-                acc.agree[k] += int(np.count_nonzero(np.greater(p_np, 0, out=mask)))
-                acc.changed[k] += int(np.count_nonzero(p_np))
+        total = views[0].numel()
+        self._workspace(min(total, self.inner))
+        for start in range(0, total, self.inner):
+            n = min(self.inner, total - start)
+            w = [buf[:n] for buf in self._w]
+            for i, view in enumerate(views):
+                w[i].copy_(view[start:start + n])
+            for i in self.weight_sources:
+                acc.weight_sq[i] += float(torch.dot(w[i], w[i]))
+            d = [buf[:n] for buf in self._d]
+            for s, (a, b) in enumerate(self.steps):
+                torch.sub(w[b], w[a], out=d[s])
+                acc.delta_sq[s] += float(torch.dot(d[s], d[s]))
+            if self.pairs:
+                p = self._p[:n]
+                p_np = p.numpy()
+                mask = self._mask[:n]
+                for k, (s, t) in enumerate(self.pairs):
+                    torch.mul(d[s], d[t], out=p)
+                    acc.dot[k] += float(p.sum())
+                    acc.agree[k] += int(np.count_nonzero(np.greater(p_np, 0, out=mask)))
+                    acc.changed[k] += int(np.count_nonzero(p_np))
 
 
 def nonfinite_counts(checkpoint: Checkpoint, entry: TensorEntry, chunk_elements: int = 1 << 20) -> tuple[int, int]:

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..errors import InputError
 from .reader import Checkpoint, TensorEntry
 from .streaming import stream
 
@@ -67,9 +68,12 @@ class SVDConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "exact", "randomized", "none"):
-            raise ValueError(f"svd mode must be auto, exact, randomized or none, got {self.mode!r}.")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}.")
+            raise InputError(f"svd mode must be auto, exact, randomized or none, got {self.mode!r}.")
+        if self.top_k < 1 or self.oversample < 0 or self.power_iterations < 0:
+            raise InputError(
+                f"top_k must be >= 1 and oversample, power_iterations >= 0; got {self.top_k}, {self.oversample}, "
+                f"{self.power_iterations}."
+            )
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -1,0 +1,252 @@
+"""Testbed training on the reduced recipe: determinism, caching, checkpoints, freezing, decoding.
+
+Oracles: a second build must give bit-identical tensors; the shared-prefix decoder must agree
+with HF ``generate`` and with a plain full-sequence forward; frozen tensors must be
+bit-identical to IN after RL while every other tensor moves; region membership is checked
+against the layer index written in each parameter's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlm_probe
+from vlm_probe.errors import CheckpointError, MergePlanError
+from vlm_probe.testbed import commands
+from vlm_probe.testbed.build import build_rl_variant, build_testbed, cache_root, build_dir
+from vlm_probe.testbed.decoding import complete, completion_logits, decode_answers
+from vlm_probe.testbed.encoding import Encoder
+from vlm_probe.testbed.freezing import REGIONS, frozen, frozen_names, parameter_regions, thirds_cuts
+from vlm_probe.testbed.recipe import Recipe
+from vlm_probe.testbed.rl import completion_mask, group_advantages
+from vlm_probe.testbed.tasks import FAMILIES, ItemStream
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def hf_names(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("testbed-cache")
+
+
+@pytest.fixture(scope="module")
+def testbed(cache):
+    return build_testbed(reduced=True, quiet=True, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def in_model(testbed):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_probe.model.processors import load_processor
+
+    path = testbed.checkpoint("IN")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = load_processor(path)
+    return model, processor, Encoder(model, processor, vlm_probe.arch.get_spec(model.config))
+
+
+def test_same_seed_same_weights(testbed, tmp_path) -> None:
+    again = build_testbed(reduced=True, quiet=True, cache_dir=tmp_path)
+    assert again.path.name == testbed.path.name
+    for stage in ("Base", "IN", "RL"):
+        a, b = tensors(testbed.checkpoint(stage)), tensors(again.checkpoint(stage))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    assert (again.data / "swap.jsonl").read_bytes() == (testbed.data / "swap.jsonl").read_bytes()
+    other = build_testbed(Recipe.reduced_size(seed=1), quiet=True, cache_dir=tmp_path)
+    a, b = tensors(testbed.checkpoint("Base")), tensors(other.checkpoint("Base"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cache_is_reused_and_keyed_by_recipe(testbed, cache, capsys) -> None:
+    stamp = (testbed.path / "build.json").stat().st_mtime_ns
+    again = build_testbed(reduced=True, cache_dir=cache)
+    assert again.path == testbed.path and (testbed.path / "build.json").stat().st_mtime_ns == stamp
+    assert "using the cached build" in capsys.readouterr().out
+    changed = Recipe.reduced_size().with_rl(kl=0.2)
+    assert build_dir(changed, cache) != testbed.path
+    assert not [p for p in (cache / "testbed").iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("VLM_PROBE_CACHE", str(tmp_path / "a"))
+    assert cache_root() == tmp_path / "a"
+    monkeypatch.delenv("VLM_PROBE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "x" / "vlm_probe"
+
+
+def test_checkpoints_are_ordinary_hf_directories(testbed) -> None:
+    for stage in ("Base", "IN", "RL"):
+        path = testbed.checkpoint(stage)
+        assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    pair = testbed.load_set("IN", "RL")
+    vlm = pair["RL"]
+    assert vlm.family == "qwen2_5_vl" and vlm.n_layers == Recipe.reduced_size().sizes.n_layers
+    item = testbed.held_out()[0]
+    batch = vlm.prepare(item.question, images=[item.picture()])
+    with vlm.trace(batch):
+        logits = vlm.lm_head.output.save()
+    assert logits.shape[-1] == vlm.vocab_size
+    info = testbed.info
+    assert set(info["accuracy"]) == {"Base", "IN", "RL"} and info["times"]["total"]["wall_s"] > 0
+    assert json.loads((testbed.path / "recipe.json").read_text()) == testbed.recipe.to_dict()
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        testbed.checkpoint("SFT")
+
+
+def test_rl_changed_every_tensor_and_freezing_keeps_them_bit_identical(testbed, in_model) -> None:
+    model = in_model[0]
+    base_in, rl = tensors(testbed.checkpoint("IN")), tensors(testbed.checkpoint("RL"))
+    assert all(not torch.equal(base_in[k], rl[k]) for k in base_in), "RL left a tensor unchanged"
+
+    path = build_rl_variant(testbed, {"early", "vision"}, quiet=True)
+    assert path.name == "rl-freeze-early-vision"
+    variant = tensors(path)
+    frozen_modules = frozen_names(model, {"early", "vision"})
+    spec = vlm_probe.arch.get_spec(model.config)
+    stored = {spec.module_path(k): k for k in variant}
+    assert frozen_modules and set(frozen_modules) <= set(stored)
+    for module_name, key in stored.items():
+        same = torch.equal(variant[key], base_in[key])
+        assert same == (module_name in frozen_modules), module_name
+    recorded = json.loads((path / "variant.json").read_text())["frozen_parameters"]
+    assert recorded == sorted(frozen_modules)
+
+
+def test_rl_variant_without_freezing_reproduces_rl(testbed) -> None:
+    path = build_rl_variant(testbed, None, quiet=True)
+    a, b = tensors(path), tensors(testbed.checkpoint("RL"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert testbed.checkpoint("rl-freeze-none") == path
+
+
+def test_regions_follow_the_layer_index(in_model) -> None:
+    model = in_model[0]
+    n = model.config.text_config.num_hidden_layers
+    c1, c2 = thirds_cuts(n)
+    regions = parameter_regions(model)
+    assert set(regions.values()) <= set(REGIONS)
+    for name, region in regions.items():
+        if m := re.match(r"model\.language_model\.layers\.(\d+)\.", name):
+            i = int(m.group(1))
+            assert region == ("early" if i < c1 else "mid" if i < c2 else "late"), name
+        elif name.startswith("model.visual.merger"):
+            assert region == "projector"
+        elif name.startswith("model.visual."):
+            assert region == "vision"
+        elif name == "lm_head.weight":
+            assert region == "lm_head"
+        elif name.startswith("model.language_model.embed_tokens"):
+            assert region == "embed"
+        elif name == "model.language_model.norm.weight":
+            assert region == "final_norm"
+    assert set(regions.values()) == set(REGIONS) - {"other"}
+    assert frozen_names(model, lambda name: name.endswith(".bias")) == {k for k in regions if k.endswith(".bias")}
+    assert frozen_names(model, None) == frozenset()
+    with pytest.raises(MergePlanError, match="Unknown region"):
+        frozen_names(model, {"middle"})
+    with pytest.raises(MergePlanError, match="do not split"):
+        thirds_cuts(3, (2, 2))
+
+
+def test_frozen_context_restores_requires_grad(in_model) -> None:
+    model = in_model[0]
+    names = frozen_names(model, "late")
+    with pytest.raises(RuntimeError, match="boom"):
+        with frozen(model, names) as params:
+            assert len(params) == sum(1 for _ in model.parameters()) - len(names)
+            raise RuntimeError("boom")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_shared_prefix_decoding_matches_generate_and_full_forward(in_model) -> None:
+    model, _, encoder = in_model
+    items = ItemStream(11, tuple((f, 1.0) for f in FAMILIES)).take(10)
+    for part in encoder(items):
+        tokens = complete(model, encoder, part, max_new_tokens=3)
+        plain = {k: v for k, v in part.inputs.items() if k != "position_ids"}
+        generated = model.generate(**plain, max_new_tokens=3, do_sample=False, suppress_tokens=encoder.suppressed,
+                                   eos_token_id=encoder.stop_id, pad_token_id=encoder.stop_id)
+        expected = generated[:, plain["input_ids"].shape[1] :]
+        assert torch.equal(tokens[:, : expected.shape[1]], expected)
+        # teacher-forced logits over a repeated prefix equal one plain forward per full sequence
+        logits = completion_logits(model, part, tokens.repeat_interleave(2, 0), 2)
+        full = dict(plain, input_ids=torch.cat([plain["input_ids"], tokens], 1),
+                    attention_mask=torch.cat([plain["attention_mask"], torch.ones_like(tokens)], 1))
+        if "mm_token_type_ids" in full:
+            full["mm_token_type_ids"] = torch.cat([full["mm_token_type_ids"], torch.zeros_like(tokens)], 1)
+        with torch.no_grad():
+            reference = model(**full).logits
+        width = plain["input_ids"].shape[1]
+        want = reference[:, width - 1 : width - 1 + tokens.shape[1]].repeat_interleave(2, 0)
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_never_emits_the_image_token(in_model) -> None:
+    model, _, encoder = in_model
+    items = ItemStream(12, (("perception", 1.0),)).take(6)
+    part = encoder(items)[0]
+    with torch.no_grad():
+        prefix_logits = model(**part.inputs).logits[:, -1]
+    boosted = prefix_logits.clone()
+    boosted[:, model.config.image_token_id] = 1e4  # would always win without the mask
+    generator = torch.Generator().manual_seed(0)
+    tokens = complete(model, encoder, part, max_new_tokens=2, n=8, sample=True, generator=generator)
+    assert model.config.image_token_id not in tokens.tolist()
+    again = complete(model, encoder, part, max_new_tokens=2, n=8, sample=True,
+                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)
+    from vlm_probe.testbed.decoding import _choose
+
+    chosen = _choose(boosted, encoder.suppressed, sample=False, temperature=1.0, generator=None)
+    assert model.config.image_token_id not in chosen.tolist()
+
+
+def test_encoder_targets_sit_at_the_end(in_model) -> None:
+    model, _, encoder = in_model
+    items = ItemStream(13, tuple((f, 1.0) for f in FAMILIES)).take(12)
+    for part in encoder(items, targets=True):
+        for row, item in enumerate(part.items):
+            ids = part.input_ids[row, part.target_mask()[row]].tolist()
+            assert ids == encoder.target_ids(item.answer)
+            assert ids[-1] == encoder.stop_id
+        decoded = decode_answers(encoder, part.input_ids[:, -2:])
+        assert decoded == [item.answer for item in part.items]
+    # explicit positions equal what the model computes by itself
+    part = encoder(ItemStream(14, (("perception", 1.0),)).take(4))[0]
+    plain = {k: v for k, v in part.inputs.items() if k != "position_ids"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**part.inputs).logits, model(**plain).logits)
+
+
+def test_group_advantages_and_completion_mask_by_hand() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(rewards, 4)
+    std = (0.75 * 0.25) ** 0.5
+    torch.testing.assert_close(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / std)
+    assert torch.equal(adv[4:], torch.zeros(4))
+    tokens = torch.tensor([[5, 9, 9], [9, 5, 5], [5, 5, 5]])
+    assert completion_mask(tokens, 9).tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+
+
+def test_cli_builds_the_reduced_testbed(testbed, cache, capsys) -> None:
+    parser = argparse.ArgumentParser(prog="vlm-probe")
+    commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["testbed", "build", "--reduced", "--quiet", "--cache-dir", str(cache)])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == str(testbed.path)
+    assert "vlm-probe testbed build --reduced" in parser._subparsers._group_actions[0].choices["testbed"].format_help()
