@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .errors import VLMProbeError
 
 #: Modules that register subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("evaluation.commands",)
+COMMAND_MODULES: tuple[str, ...] = ("evaluation.commands", "commands.probes")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,8 @@ from .generation import (
     config_record,
     decode_new,
     eos_ids,
+    Grader,
+    apply_grader,
     exact_match,
     fixed_steps,
     generation_defaults,
@@ -172,7 +174,7 @@ def _sweep_frame(
     level: str,
     intervention: str,
     max_new_tokens: int,
-    grader: Callable[[str, str], bool],
+    grader: Grader,
     max_rows: int,
     reuse_vision: bool,
     progress: bool,
@@ -181,8 +183,8 @@ def _sweep_frame(
     if level not in ("answer", "logprob"):
         raise InputError(f"level must be 'answer' or 'logprob'; got {level!r}.")
     n = len(batch)
-    if level == "answer" and answers is None:
-        raise InputError("level='answer' needs gold answers to grade against (answers=[...]).")
+    if level == "answer" and answers is None and callable(grader):
+        raise InputError("level='answer' needs gold answers to grade against (answers=[...]) or per-sample graders.")
     config = config or greedy_config(vlm, max_new_tokens)
     mine = shard_indices(n)
     rows: list[dict[str, Any]] = []
@@ -202,8 +204,9 @@ def _sweep_frame(
                 row = {"sample": mine[s], "layer": layer, "unified_layer": layer + 1, "intervention": intervention,
                        "level": level}
                 if level == "answer":
-                    gold = answers[mine[s]]  # type: ignore[index]
-                    row.update(answer=value, gold=gold, correct=bool(grader(value, gold)))
+                    gold = answers[mine[s]] if answers is not None else None
+                    row.update(answer=value, gold=None if gold is None else str(gold),
+                               correct=apply_grader(grader, mine[s], value, gold))
                 else:
                     row["logprob"] = float(value)
                 rows.append(row)
@@ -218,7 +221,7 @@ def layer_ablation_sweep(
     layers: Sequence[int] | None = None,
     level: str = "answer",
     max_new_tokens: int = 8,
-    grader: Callable[[str, str], bool] = exact_match,
+    grader: Grader = exact_match,
     max_rows: int = 64,
     reuse_vision: bool = True,
     progress: bool = True,
@@ -273,7 +276,7 @@ def knockout_sweep(
     heads: Sequence[int] | None = None,
     level: str = "logprob",
     max_new_tokens: int = 8,
-    grader: Callable[[str, str], bool] = exact_match,
+    grader: Grader = exact_match,
     max_rows: int = 64,
     reuse_vision: bool = True,
     progress: bool = True,

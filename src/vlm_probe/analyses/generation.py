@@ -184,6 +184,17 @@ def generate_texts(vlm: Any, batch: Batch, config: GenerationConfig) -> list[str
     return [g.text for g in GreedyGenerator(vlm, config=config)(batch)]
 
 
+#: ``grader(prediction, gold) -> bool``, or one ``grader(prediction) -> bool`` per sample
+Grader = Callable[[str, Any], bool] | Sequence[Callable[[str], bool]]
+
+
+def apply_grader(grader: Grader, sample: int, prediction: str, gold: Any) -> bool:
+    """Grade one prediction with a shared grader (given the gold answer) or a per-sample one."""
+    if callable(grader):
+        return bool(gold is not None and grader(prediction, gold))
+    return bool(grader[sample](prediction))
+
+
 def normalize_answer(text: str) -> str:
     """Lower-case, strip punctuation at the ends and collapse spaces (exact-match grading)."""
     text = re.sub(r"\s+", " ", text.strip().lower())

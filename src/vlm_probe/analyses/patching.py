@@ -190,7 +190,8 @@ def sweep(
     """Patch clean activations into the corrupted run, cell by cell, and score each.
 
     Args:
-        clean, corrupt: batches of the same samples (same width; use ``vlm_probe.align``).
+        clean: the clean batch (same samples and width as ``corrupt``; see ``vlm_probe.align``).
+        corrupt: the corrupted batch the patches go into.
         site: one site or several (``layer_out``, ``layer_in``, ``attn_out``, ``mlp_out``, ``q``...).
         layers: 0-based decoder layers (default: all).
         positions: a position spec, a list of specs (one cell each), or ``"each:<group>"``.

@@ -12,7 +12,7 @@ batched generation, and the vision tower runs once per image.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,8 @@ from .generation import (
     config_record,
     decode_new,
     eos_ids,
+    Grader,
+    apply_grader,
     exact_match,
     generate_texts,
     generation_defaults,
@@ -39,7 +41,6 @@ from .generation import (
 )
 from .parallel import gather_frame, shard_indices
 
-Grader = Callable[[str, str], bool]
 
 
 class SwapResult(Result):
@@ -131,12 +132,14 @@ def vision_swap_sweep(
     """Run the vision-token swap for every start layer and grade the answers.
 
     Args:
-        targets, sources: batches with the same prompts and same-size images (one vision-token
-            count per row); ``targets`` is what the model sees, ``sources`` supplies the keys/values.
-        target_answers, source_answers: gold answers for the target and source images.
+        targets: what the model sees: prompts with the target images.
+        sources: the same prompts with same-size source images (one vision-token count per
+            row), which supply the keys/values.
+        target_answers: gold answers for the target images.
+        source_answers: gold answers for the source images.
         layers: start layers (0-based decoder indices; default all).
         mode: ``"from"`` (layers L..N-1, the published probe) or ``"only"`` (layer L).
-        grader: ``grader(prediction, gold) -> bool``.
+        grader: ``grader(prediction, gold) -> bool``, or one ``grader(prediction)`` per sample.
     """
     if mode not in ("from", "only"):
         raise InputError(f"mode must be 'from' or 'only'; got {mode!r}.")
@@ -193,8 +196,9 @@ def vision_swap_sweep(
                         "target_answer": t_gold,
                         "source_answer": s_gold,
                         "changed": answer != baseline[s],
-                        "flipped_to_source": bool(s_gold is not None and grader(answer, s_gold)),
-                        "target_correct": bool(t_gold is not None and grader(answer, t_gold)),
+                        "flipped_to_source": bool(s_gold is not None and grader(answer, s_gold))
+                        if callable(grader) else False,
+                        "target_correct": apply_grader(grader, mine[s], answer, t_gold),
                     })
             bar.update(k)
         bar.close()

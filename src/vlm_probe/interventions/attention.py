@@ -51,9 +51,15 @@ def knockout_mask(
     Args:
         base: the mask the layer received (bool ``True``=attend, or additive float), ``[B, 1|H, Tq, Tk]``,
             or ``None`` (pure causal).
-        queries, keys: ``[batch, total]`` absolute-position masks; the current queries are the
-            last ``n_q`` of the ``n_k`` key positions.
+        queries: ``[batch, total]`` absolute-position mask of query positions; the current
+            queries are the last ``n_q`` of the ``n_k`` key positions.
+        keys: ``[batch, total]`` absolute-position mask of key positions.
+        n_q: number of query positions in this call.
+        n_k: number of key positions in this call.
         heads: query heads to knock out (all when ``None``).
+        n_heads: the layer's number of query heads.
+        dtype: dtype of the layer's activations.
+        device: device of the layer's activations.
 
     Returns:
         A mask of the same kind as ``base`` (bool when ``base`` is ``None``).

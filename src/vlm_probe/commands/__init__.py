@@ -1,0 +1,1 @@
+"""Subcommands of ``vlm-probe`` that combine several layers (datasets + analyses + figures)."""

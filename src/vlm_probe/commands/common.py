@@ -1,0 +1,52 @@
+"""Shared pieces of the subcommands: model options, layer lists, writing figures and tables."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..io import atomic_write_text
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default=None, help="parameter dtype: float32, bf16, fp16 or auto")
+    parser.add_argument("--device-map", default=None, help="accelerate placement, e.g. auto or cuda:0")
+    parser.add_argument("--attn", dest="attn_implementation", default=None, help="sdpa (default) or eager")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def load_model(path: str, args: argparse.Namespace) -> Any:
+    import transformers
+
+    from ..model.loading import load
+
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()
+    if not Path(path).exists() and "/" not in path:
+        raise InputError(f"{path} is neither a checkpoint directory nor a hub id (org/name).")
+    device_map = args.device_map
+    if device_map and device_map not in ("auto", "balanced", "sequential"):
+        device_map = {"": device_map}
+    return load(path, dtype=args.dtype, device_map=device_map, attn_implementation=args.attn_implementation)
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``"0,4,8"`` or ``"0-27"`` (inclusive) -> list of 0-based decoder layers."""
+    if not text:
+        return None
+    layers: list[int] = []
+    for part in text.split(","):
+        if "-" in part.strip()[1:]:
+            start, stop = part.split("-", 1)
+            layers += list(range(int(start), int(stop) + 1))
+        else:
+            layers.append(int(part))
+    return layers
+
+
+def write_figure(fig: Any, path: Path) -> Path:
+    """A self-contained HTML file (plotly.js inlined), written atomically."""
+    atomic_write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
+    return path
