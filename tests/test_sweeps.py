@@ -213,3 +213,29 @@ def test_sweep_split_across_two_processes_equals_one(tmp_path, setup) -> None:
     one = sweep(vlm, batch[:2], batch[2:], site=["layer_out", "mlp_out"], positions=["vision", "last"],
                 metric=M.kl_to_clean(), progress=False).frame
     pd.testing.assert_frame_equal(one, two, atol=1e-5, rtol=0)
+
+
+def test_answer_sweep_matches_single_patched_generations(setup) -> None:
+    from vlm_probe.analyses import answer_sweep
+    from vlm_probe.analyses.generation import decode_new, generate_texts
+    from vlm_probe.interventions import patch
+
+    vlm, _, batch = setup
+    clean, corrupt = batch[:2], batch[2:]
+    result = answer_sweep(vlm, clean, corrupt, layers=[0, 2], positions=["vision", "all"], max_new_tokens=4,
+                          progress=False)
+    config = greedy_config(vlm, 4)
+    with torch.no_grad():
+        clean_out = vlm.hf(**clean.inputs, output_hidden_states=True).hidden_states
+    corrupt_answers = generate_texts(vlm, corrupt, config)
+    for layer in (0, 2):
+        for positions in ("vision", "all"):
+            with torch.no_grad(), vlm.generate(corrupt, generation_config=config) as tracer:
+                patch(vlm, corrupt, "layer_out", layer, positions, clean_out[layer + 1])
+                ids = tracer.result.save()
+            expected = decode_new(vlm, ids, corrupt.width)
+            cell = result.frame[(result.frame.layer == layer) & (result.frame.positions == positions)]
+            assert list(cell["answer"]) == expected
+            assert list(cell["value"]) == [float(a != b) for a, b in zip(expected, corrupt_answers)]
+    everything = result.frame[(result.frame.layer == 0) & (result.frame.positions == "all")]
+    assert everything["matches_clean"].all(), "patching every position at layer 0 must give the clean answer"

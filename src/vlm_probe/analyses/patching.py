@@ -292,3 +292,78 @@ def layer_increments(result: PatchingResult, value: str = "value") -> pd.DataFra
     keys = [c for c in ("receiver", "donor", "site", "positions", "metric") if c in summary]
     summary["increment"] = summary.groupby(keys)[value].diff().fillna(summary[value])
     return summary
+
+
+def answer_sweep(
+    vlm: Any,
+    clean: Batch,
+    corrupt: Batch,
+    *,
+    site: str | Sequence[str] = "layer_out",
+    layers: Sequence[int] | None = None,
+    positions: PositionSpec | Sequence[PositionSpec] = "vision",
+    max_new_tokens: int = 8,
+    max_rows: int = 64,
+    reuse_vision: bool = True,
+    progress: bool = True,
+    generation_config: Any = None,
+) -> PatchingResult:
+    """Answer-level patching: patch clean activations into the corrupted prompt at prefill,
+    generate greedily, and record whether the answer changed.
+
+    Values: ``value`` = 1 when the greedy answer differs from the unpatched corrupt answer
+    (metric ``greedy_answer_change``); ``matches_clean`` = 1 when it equals the clean answer;
+    the answers themselves are in ``answer``, ``clean_answer``, ``corrupt_answer``.
+    """
+    from .generation import config_record, decode_new, eos_ids, generate_texts, generation_defaults, greedy_config
+
+    if clean.width != corrupt.width or len(clean) != len(corrupt):
+        raise InputError("clean and corrupt must have the same samples and width; use vlm_probe.align(clean, corrupt).")
+    config = generation_config or greedy_config(vlm, max_new_tokens)
+    layers = list(range(vlm.n_layers)) if layers is None else list(layers)
+    sites = _as_list(site)
+    mine = shard_indices(len(clean))
+    rows: list[dict[str, Any]] = []
+    if mine:
+        clean_s, corrupt_s = clean[mine], corrupt[mine]
+        cells = _cells(vlm, corrupt_s, sites, layers, positions)
+        source = capture(vlm, clean_s, [(c.site, c.layer) for c in cells])
+        vision = capture(vlm, corrupt_s, vision=True).vision if reuse_vision else None
+        clean_answers = generate_texts(vlm, clean_s, config)
+        corrupt_answers = generate_texts(vlm, corrupt_s, config)
+        n = len(corrupt_s)
+        bar = tqdm(total=len(cells), desc="answer patching", disable=not progress, unit="cell")
+        for start in range(0, len(cells), max(1, max_rows // n)):
+            chunk = cells[start : start + max(1, max_rows // n)]
+            k = len(chunk)
+            batch = repeat_rows(corrupt_s, k)
+            groups: dict[tuple[str, int], list[int]] = {}
+            for i, cell in enumerate(chunk):
+                groups.setdefault((cell.site, cell.layer), []).append(i)
+            with torch.no_grad(), generation_defaults(vlm.hf, config), \
+                    vlm.generate(batch, generation_config=config) as tracer:
+                if vision is not None:
+                    vlm.vision.root.skip(vision.tiled(k))
+                for site_name, layer in sorted(groups, key=lambda s: (s[1], SITE_ORDER[s[0]])):
+                    act = site_ops.read(vlm, site_name, layer)
+                    new = act.clone()
+                    src = source.activations[(site_name, layer)].to(act.device, act.dtype)
+                    for i in groups[(site_name, layer)]:
+                        block = new[i * n : (i + 1) * n]
+                        block[chunk[i].mask.to(act.device)] = src[chunk[i].mask.to(act.device)]
+                    site_ops.write(vlm, site_name, layer, new)
+                ids = tracer.result.save()
+            answers = decode_new(vlm, ids, batch.width, eos_ids(vlm, config))
+            for i, cell in enumerate(chunk):
+                for s in range(n):
+                    answer = answers[i * n + s]
+                    rows.append({"cell": start + i, "sample": mine[s], "site": cell.site, "layer": cell.layer,
+                                 "unified_layer": cell.layer + 1, "positions": cell.label,
+                                 "metric": "greedy_answer_change", "value": float(answer != corrupt_answers[s]),
+                                 "matches_clean": float(answer == clean_answers[s]), "answer": answer,
+                                 "clean_answer": clean_answers[s], "corrupt_answer": corrupt_answers[s]})
+            bar.update(k)
+        bar.close()
+    frame = gather_frame(pd.DataFrame(rows), sort=["cell", "sample"])
+    return PatchingResult(frame, {"analysis": "answer_sweep", "metric": "greedy_answer_change", "sites": sites,
+                                  "layers": layers, "positions": str(positions), "generation": config_record(config)})
