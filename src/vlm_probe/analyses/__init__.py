@@ -1,6 +1,42 @@
 """Experiments built from the intervention primitives; each returns a tidy result object."""
 
 from . import metrics
+from .ablation import AblationResult, knockout_sweep, layer_ablation_sweep
+from .attention_mass import AttentionMassResult, attention_mass, token_attention
+from .collect import Activations, collect
+from .drift import DriftResult, representation_drift
+from .lens import LensResult, TunedLens, compare_lenses, logit_lens
+from .overlay import overlay_figure
 from .patching import PatchingResult, answer_sweep, cross_checkpoint_sweep, cross_patch, layer_increments, sweep
+from .probes import ProbeResult, probe_layers
+from .swap import SwapResult, swap_pairs, vision_swap_sweep
 
-__all__ = ["PatchingResult", "answer_sweep", "cross_checkpoint_sweep", "cross_patch", "layer_increments", "metrics", "sweep"]
+__all__ = [
+    "AblationResult",
+    "Activations",
+    "AttentionMassResult",
+    "DriftResult",
+    "LensResult",
+    "PatchingResult",
+    "ProbeResult",
+    "SwapResult",
+    "TunedLens",
+    "answer_sweep",
+    "attention_mass",
+    "collect",
+    "compare_lenses",
+    "cross_checkpoint_sweep",
+    "cross_patch",
+    "knockout_sweep",
+    "layer_ablation_sweep",
+    "layer_increments",
+    "logit_lens",
+    "metrics",
+    "overlay_figure",
+    "probe_layers",
+    "representation_drift",
+    "swap_pairs",
+    "sweep",
+    "token_attention",
+    "vision_swap_sweep",
+]

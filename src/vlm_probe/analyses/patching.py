@@ -71,6 +71,31 @@ class PatchingResult(Result):
         value_cols = [c for c in ("value", "normalized") if c in self.frame]
         return self.frame.groupby(keys, sort=False)[value_cols].mean().reset_index()
 
+    def overlay(self, batch: Batch, *, sample: int = 0, layer: int | None = None, site: str | None = None,
+                value: str = "value", image: int = 0, **kwargs: Any) -> Any:
+        """The per-vision-token effect (a ``positions="each:vision"`` sweep) drawn over the image.
+
+        Args:
+            batch: the batch the sweep ran on (the corrupted one; it holds the images).
+            layer: 0-based decoder layer (default: the layer with the largest mean effect).
+        """
+        from .overlay import overlay_figure, vision_values
+
+        frame = self.frame[self.frame["sample"] == sample]
+        frame = frame[frame["positions"].str.fullmatch(r"\d+")]
+        if frame.empty:
+            raise InputError("overlay() needs a per-token sweep: run it with positions='each:vision'.")
+        if site is not None:
+            frame = frame[frame["site"] == site]
+        if layer is None:
+            layer = int(frame.groupby("layer")[value].apply(lambda v: v.abs().mean()).idxmax())
+        frame = frame[frame["layer"] == layer]
+        per_position = {int(p): float(v) for p, v in zip(frame["positions"], frame[value])}
+        row = batch.layout[sample]
+        values = vision_values(row, per_position)
+        title = kwargs.pop("title", f"{frame['metric'].iloc[0]} of patching each vision token at L{layer + 1}")
+        return overlay_figure(batch.rows[sample].images[image], row, values, image_index=image, title=title, **kwargs)
+
     def plot(self, value: str | None = None, **kwargs: Any) -> Any:
         """Heatmap of the mean effect, layers x positions (one panel per site / direction)."""
         from .plots import patching_figure

@@ -1,0 +1,203 @@
+"""Collecting residual-stream activations for a dataset, in memory or in a disk cache.
+
+``collect`` runs batches through one or more checkpoints and keeps, for every checkpoint,
+site, layer and token group, the activations of that group's tokens (``reduce="none"``: one
+row per token) or their mean per sample (``reduce="mean"``). With ``out=`` every batch is
+written as a safetensors shard next to an ``index.json``; memory stays bounded by one batch,
+and a killed collection resumes from the shards already written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nnsight
+import torch
+from safetensors.torch import load_file, save
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..interventions import sites as site_ops
+from ..interventions.positions import resolve_positions
+from ..io import atomic_write_bytes, atomic_write_json
+from ..model.inputs import Batch
+
+INDEX = "index.json"
+
+
+def _key(checkpoint: str, site: str, layer: int, group: str) -> str:
+    return f"{checkpoint}|{site}|{layer}|{group}"
+
+
+@dataclass
+class Activations:
+    """Collected activations: ``acts[(checkpoint, site, layer, group)]`` -> ``[rows, d_model]``.
+
+    ``samples[(checkpoint, site, layer, group)]`` gives each row's sample index (and
+    ``positions[...]`` its token position; -1 for means).
+    """
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    samples: dict[str, Tensor] = field(default_factory=dict)
+    positions: dict[str, Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, key: tuple[str, str, int, str]) -> Tensor:
+        try:
+            return self.tensors[_key(*key)]
+        except KeyError:
+            raise KeyError(f"No activations for {key}; collected: {self.keys()[:6]} ...") from None
+
+    def sample_index(self, key: tuple[str, str, int, str]) -> Tensor:
+        return self.samples[_key(*key)]
+
+    def keys(self) -> list[tuple[str, str, int, str]]:
+        out = []
+        for k in self.tensors:
+            c, s, l, g = k.split("|")
+            out.append((c, s, int(l), g))
+        return out
+
+    def layers(self, checkpoint: str, site: str, group: str) -> list[int]:
+        return sorted(l for c, s, l, g in self.keys() if (c, s, g) == (checkpoint, site, group))
+
+    def add(self, key: str, acts: Tensor, samples: Tensor, positions: Tensor) -> None:
+        if key in self.tensors:
+            self.tensors[key] = torch.cat([self.tensors[key], acts])
+            self.samples[key] = torch.cat([self.samples[key], samples])
+            self.positions[key] = torch.cat([self.positions[key], positions])
+        else:
+            self.tensors[key], self.samples[key], self.positions[key] = acts, samples, positions
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Activations:
+        """Read a disk cache written by :func:`collect` (all shards)."""
+        directory = Path(directory)
+        index = _read_index(directory)
+        acts = cls()
+        for shard in index["shards"]:
+            data = load_file(directory / shard["file"])
+            for key in sorted({k.rsplit("#", 1)[0] for k in data}):
+                acts.add(key, data[f"{key}#acts"], data[f"{key}#samples"], data[f"{key}#positions"])
+        return acts
+
+
+def _read_index(directory: Path) -> dict[str, Any]:
+    file = directory / INDEX
+    if not file.is_file():
+        return {"shards": [], "config": None}
+    return json.loads(file.read_text())
+
+
+def _batches(data: Batch | Iterable[Batch], batch_size: int) -> list[Batch]:
+    if isinstance(data, Batch):
+        return [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+    return list(data)
+
+
+def collect(
+    models: Any,
+    data: Batch | Iterable[Batch],
+    *,
+    sites: Sequence[str] = ("layer_out",),
+    layers: Sequence[int] | None = None,
+    groups: Sequence[str] = ("vision", "question", "last"),
+    reduce: str = "none",
+    batch_size: int = 16,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Activations:
+    """Collect activations of token groups through one or more checkpoints.
+
+    Args:
+        models: a VLM or a mapping name -> VLM (e.g. a checkpoint set).
+        data: a batch (split into ``batch_size`` chunks) or an iterable of batches; sample
+            indices count across all of them.
+        sites: activation sites (``layer_out``, ``layer_in``, ``attn_out``, ``mlp_out``, ...).
+        layers: 0-based decoder layers (default all).
+        groups: token groups (layout groups, or ``"all"``).
+        reduce: ``"none"`` (one row per token) or ``"mean"`` (one row per sample).
+        out: a directory for the disk cache (resumable); ``None`` keeps everything in memory.
+
+    Returns:
+        :class:`Activations` (read back from the cache when ``out`` is given).
+    """
+    if reduce not in ("none", "mean"):
+        raise InputError(f"reduce must be 'none' or 'mean'; got {reduce!r}.")
+    for site in sites:
+        site_ops.check_site(site)
+    named = dict(models) if isinstance(models, Mapping) or hasattr(models, "items") else {"model": models}
+    batches = _batches(data, batch_size)
+    config = {"checkpoints": list(named), "sites": list(sites), "groups": list(groups), "reduce": reduce,
+              "layers": None if layers is None else list(layers), "n_batches": len(batches)}
+    directory = Path(out) if out is not None else None
+    index = {"shards": [], "config": config}
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = _read_index(directory)
+        if existing["config"] not in (None, config):
+            raise InputError(
+                f"{directory} holds a collection with other settings ({existing['config']}); use another directory."
+            )
+        index = {**existing, "config": config}
+    done = {(s["checkpoint"], s["batch"]) for s in index["shards"]}
+    memory = Activations()
+    total = len(named) * len(batches)
+    bar = tqdm(total=total, desc="collecting", unit="batch", disable=not progress)
+    for name, vlm in named.items():
+        chosen = list(range(vlm.n_layers)) if layers is None else list(layers)
+        offset = 0
+        for b, batch in enumerate(batches):
+            if (name, b) in done:
+                offset += len(batch)
+                bar.update(1)
+                continue
+            shard = _collect_batch(vlm, name, batch, sites, chosen, groups, reduce, offset)
+            offset += len(batch)
+            if directory is None:
+                for key, (acts, samples, positions) in shard.items():
+                    memory.add(key, acts, samples, positions)
+            else:
+                file = f"{name}-{b:05d}.safetensors"
+                tensors = {}
+                for key, (acts, samples, positions) in shard.items():
+                    tensors.update({f"{key}#acts": acts.contiguous(), f"{key}#samples": samples,
+                                    f"{key}#positions": positions})
+                atomic_write_bytes(directory / file, save(tensors))
+                index["shards"].append({"checkpoint": name, "batch": b, "file": file})
+                atomic_write_json(directory / INDEX, index)
+            bar.update(1)
+    bar.close()
+    return Activations.load(directory) if directory is not None else memory
+
+
+def _collect_batch(
+    vlm: Any, name: str, batch: Batch, sites: Sequence[str], layers: list[int], groups: Sequence[str],
+    reduce: str, offset: int,
+) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    masks = {g: resolve_positions(batch, g, vlm=vlm, what=f"collecting {g!r}") for g in groups}
+    order = sorted(((site, layer) for site in sites for layer in layers),
+                   key=lambda s: (s[1], ("layer_in", "q", "k", "v", "o_in", "attn_out", "mlp_out", "layer_out").index(s[0])))
+    with torch.no_grad(), vlm.trace(batch, use_cache=False):
+        saved = nnsight.save([site_ops.read(vlm, site, layer) for site, layer in order])
+    out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    for (site, layer), act in zip(order, saved):
+        act = act.detach().float().cpu()
+        for group, mask in masks.items():
+            rows, cols = torch.nonzero(mask, as_tuple=True)
+            if reduce == "none":
+                values, samples, positions = act[rows, cols], rows + offset, cols
+            else:
+                counts = mask.sum(1)
+                keep = counts > 0
+                sums = torch.zeros(len(batch), act.shape[-1]).index_add_(0, rows, act[rows, cols])
+                values = (sums / counts.clamp_min(1)[:, None])[keep]
+                samples = torch.arange(len(batch))[keep] + offset
+                positions = torch.full((int(keep.sum()),), -1)
+            out[_key(name, site, layer, group)] = (values, samples.long(), positions.long())
+    return out
