@@ -239,6 +239,9 @@ def test_patching_and_attention_overlays(pair) -> None:
     fig = result.overlay(batch[1:2], layer=0)
     grid, _, _ = cell_grid(batch.layout[1], [0.0] * len(batch.layout[1].spans["vision"]))
     assert np.asarray(fig.data[1].z).shape == grid.shape
+    lens = logit_lens(vlm, batch[:1], positions="vision", progress=False)
+    fig = lens.overlay(batch[:1], layer=1)
+    assert np.isfinite(np.asarray(fig.data[1].z, dtype=float)).all()
     attention = token_attention(vlm, batch, queries="last")
     assert attention.shape == batch.inputs["input_ids"].shape
     torch.testing.assert_close(attention.sum(1), torch.ones(len(batch)), atol=1e-5, rtol=0)

@@ -58,6 +58,23 @@ class LensResult(Result):
         cols = [c for c in ("kl_to_final", "target_prob", "target_rank") if c in self.frame]
         return self.frame.groupby(keys, sort=True)[cols].mean().reset_index()
 
+    def overlay(self, batch: Batch, *, layer: int, sample: int = 0, checkpoint: str | None = None,
+                value: str = "kl_to_final", image: int = 0, **kwargs: Any) -> go.Figure:
+        """A lens run on ``positions="vision"`` drawn over the image: ``value`` per vision token
+        at ``layer``, with each token's top readout token in the hover."""
+        from .overlay import overlay_figure, vision_values
+
+        frame = self.frame[(self.frame["sample"] == sample) & (self.frame["layer"] == layer)]
+        frame = frame[frame["checkpoint"] == (checkpoint or frame["checkpoint"].iloc[0])]
+        frame = frame[frame["readout"] == frame["checkpoint"]]
+        row = batch.layout[sample]
+        values = vision_values(row, dict(zip(frame["position"], frame[value])))
+        top = dict(zip(frame["position"], frame["top_tokens"].str.split(" | ").str[0]))
+        labels = [top.get(p, "") for p in row.spans["vision"]]
+        title = kwargs.pop("title", f"Logit lens at L{layer + 1}: {value} per vision token")
+        return overlay_figure(batch.rows[sample].images[image], row, values, image_index=image, labels=labels,
+                              title=title, **kwargs)
+
     def plot(self, value: str = "kl_to_final", **kwargs: Any) -> go.Figure:
         table = self.by_layer()
         fig = go.Figure()
