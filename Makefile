@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= vlm_probe_out
+MERGEKIT_PACKAGES := mergekit==0.1.5 pydantic==2.14.4 pydantic-core==2.50.5 immutables==0.21 click==8.5.1 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 peft==0.21.2 sentencepiece==0.2.3
 
 .PHONY: install demo test docs bench clean
 
@@ -13,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,docs]"
+	# mergekit, kept apart from the project's packages (tests compare merges with it)
+	$(PY) -m pip install -q --no-deps --target $(VENV)/mergekit $(MERGEKIT_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)

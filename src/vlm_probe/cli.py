@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .errors import VLMProbeError
 
 #: Modules that register subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("evaluation.commands", "commands.probes")
+COMMAND_MODULES: tuple[str, ...] = ("evaluation.commands", "commands.probes", "commands.surgery")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,63 @@
+"""``vlm-probe merge``: write a block merge between checkpoints (or export it for mergekit)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import InputError
+
+EXAMPLE = """examples:
+  vlm-probe merge --ckpt IN=ckpt/in --ckpt RL=ckpt/rl --preset IN:RL:RL --cuts 9,18 --out merges/in-rl-rl
+  vlm-probe merge --ckpt IN=ckpt/in --ckpt RL=ckpt/rl --plan plan.yaml --out merges/custom --mergekit mk.yml
+A plan file (YAML): host: IN / rules: [{regions: [mid, late], source: RL, method: swap}] / cuts: [9, 18]"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("merge", help="write a merged checkpoint from a plan or a preset",
+                            description="Transplant layer blocks (or interpolate) between checkpoints of one "
+                            "architecture and write an ordinary HF checkpoint directory.",
+                            epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", action="append", required=True, metavar="NAME=PATH",
+                        help="a checkpoint and its name in the plan (repeat)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--plan", help="merge plan YAML")
+    which.add_argument("--preset", help="early:mid:late pattern, e.g. IN:RL:RL")
+    parser.add_argument("--host", help="the checkpoint supplying everything the plan does not replace")
+    parser.add_argument("--cuts", help="where mid and late start (0-based decoder layers), e.g. 9,18")
+    parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--max-shard-size", default="2GB")
+    parser.add_argument("--mergekit", metavar="FILE", help="also write the equivalent mergekit YAML here")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..weights.merge import open_all, write_merge
+    from ..weights.mergekit_export import mergekit_yaml
+    from ..weights.plans import MergePlan, thirds_plan
+
+    checkpoints = {}
+    for item in args.ckpt:
+        if "=" not in item:
+            raise InputError(f"--ckpt takes NAME=PATH; got {item!r}.")
+        name, path = item.split("=", 1)
+        if not Path(path).is_dir():
+            raise InputError(f"--ckpt {name}: {path} is not a directory.")
+        checkpoints[name] = path
+    cuts = tuple(int(c) for c in args.cuts.split(",")) if args.cuts else None
+    if args.plan:
+        plan = MergePlan.from_yaml(Path(args.plan).read_text())
+        if cuts is not None:
+            plan = MergePlan(plan.host, plan.rules, cuts, plan.name)
+    else:
+        plan = thirds_plan(args.preset, host=args.host, cuts=cuts)
+    opened = open_all(checkpoints)
+    out = write_merge(plan, opened, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                      progress=not args.quiet)
+    print(f"wrote {out}")
+    if args.mergekit:
+        Path(args.mergekit).write_text(mergekit_yaml(plan, opened))
+        print(f"wrote {args.mergekit}")
+    return 0
