@@ -4,9 +4,11 @@ Writes a Base / IN / RL trio of bf16 safetensors shards with a real Qwen2.5-VL c
 (text 896 x 16 layers, vocabulary 151,936, a 4-block 1280-wide vision tower), then runs each
 variant in a fresh subprocess (clean peak-RSS readings), variants interleaved, median of N:
 
-  read_raw          read every shard file of the three checkpoints from disk (the floor)
+  read_raw          read every shard file of the three checkpoints from disk, 4 MB at a time
+  read_raw_seq      the same with POSIX_FADV_SEQUENTIAL (doubled kernel read-ahead: the floor)
   read_safetensors  safe_open each file, get_tensor every tensor, drop it (one file open at a time)
   stream_norms      compare_weights(svd="none"): every norm, energy, cosine, sign agreement
+  stream_norms_noprefetch  the same without the read-ahead thread
   published         the published approach: three full state dicts in memory, deltas in fp16
                     (Frobenius, relative norm, energy per tensor)
   stream_randomized compare_weights(svd="randomized", top_k=50), once (with --svd)
@@ -15,6 +17,7 @@ Each run is timed cold (the files dropped from the OS page cache with posix_fadv
 Peak RSS is the kernel's VmHWM; heap (RssAnon) and mapped file pages (RssFile) are sampled
 apart every 5 ms. "base" is RSS after imports, before any work.
 Goals: stream_norms peak RSS < 2 x largest tensor + 300 MB; stream_norms time <= 1.2 x read_raw.
+Timings on a shared machine are noisy: the load average is printed with each repeat.
 """
 
 from __future__ import annotations
@@ -181,11 +184,13 @@ def run_variant(variant: str, paths: dict[str, str]) -> dict:
     base = Sampler.status()
     with Sampler() as sampler:
         start = time.perf_counter()
-        if variant == "read_raw":
-            buffer = bytearray(16 * 2**20)
+        if variant in ("read_raw", "read_raw_seq"):
+            buffer = bytearray(4 * 2**20)
             view = memoryview(buffer)
             for file in _files(paths):
                 fd = os.open(file, os.O_RDONLY)
+                if variant == "read_raw_seq":
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 while os.readv(fd, [view]):
                     pass
                 os.close(fd)
@@ -195,9 +200,11 @@ def run_variant(variant: str, paths: dict[str, str]) -> dict:
             for file in _files(paths):
                 with safe_open(file, framework="pt") as f:
                     for key in f.keys():
-                        f.get_tensor(key)
+                        f.get_tensor(key).clone()  # get_tensor maps lazily; clone reads the bytes
         elif variant == "stream_norms":
             compare_weights(paths, svd="none", quiet=True)
+        elif variant == "stream_norms_noprefetch":
+            compare_weights(paths, svd="none", quiet=True, prefetch=0)
         elif variant == "stream_randomized":
             compare_weights(paths, svd="randomized", top_k=50, quiet=True)
         elif variant == "published":
@@ -264,7 +271,8 @@ def child(variant: str, paths: dict[str, str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", help="where to write the trio (default: a temporary directory, removed after)")
+    parser.add_argument("--dir", help="where to write the trio (kept; reused if already there). Default: a "
+                        "temporary directory, removed after")
     parser.add_argument("--svd", action="store_true", help="also time stream_randomized once (minutes on CPU)")
     parser.add_argument("--child")
     parser.add_argument("--paths")
@@ -276,20 +284,26 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from _common import machine
 
-    print("machine:", machine())
+    print("machine:", machine(), "(each variant runs in a subprocess with 1 torch thread)")
+    print("load average:", ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="vlm_probe_weights_"))
     try:
-        print(f"generating the trio in {root} ...", flush=True)
-        t0 = time.perf_counter()
-        paths = {k: str(v) for k, v in generate(root).items()}
-        print(f"  generated in {time.perf_counter() - t0:.0f} s")
+        if all((root / name / "model.safetensors.index.json").is_file() for name in ("Base", "IN", "RL")):
+            paths = {name: str(root / name) for name in ("Base", "IN", "RL")}
+            print(f"reusing the trio in {root}")
+        else:
+            print(f"generating the trio in {root} ...", flush=True)
+            t0 = time.perf_counter()
+            paths = {k: str(v) for k, v in generate(root).items()}
+            print(f"  generated in {time.perf_counter() - t0:.0f} s")
         table = shapes()
         largest_mb = max(2 * math.prod(s) for s in table.values()) / 2**20
         total_gb = sum(f.stat().st_size for f in _files(paths)) / 1e9
         print(f"trio: {total_gb:.2f} GB on disk, {sum(math.prod(s) for s in table.values()) / 1e6:.0f} M parameters "
               f"per checkpoint (bf16), largest tensor {largest_mb:.0f} MiB")
 
-        variants = ["read_raw", "read_safetensors", "stream_norms", "published"]
+        variants = ["read_raw", "read_raw_seq", "read_safetensors", "stream_norms", "stream_norms_noprefetch",
+                    "published"]
         results: dict[tuple[str, str], list[dict]] = {}
         for rep in range(args.repeats):
             for cache in ("cold", "hot"):
@@ -299,7 +313,7 @@ def main() -> None:
                     else:
                         warm_cache(paths)
                     results.setdefault((variant, cache), []).append(child(variant, paths))
-            print(f"  repeat {rep + 1}/{args.repeats} done", flush=True)
+            print(f"  repeat {rep + 1}/{args.repeats} done (load average {os.getloadavg()[0]:.2f})", flush=True)
         if args.svd:
             warm_cache(paths)
             results[("stream_randomized", "hot")] = [child("stream_randomized", paths)]
@@ -318,8 +332,10 @@ def main() -> None:
         for cache in ("cold", "hot"):
             t = {v: med(v, cache, "seconds") for v in variants}
             print(f"  {cache}: stream_norms / read_raw = {t['stream_norms'] / t['read_raw']:.2f} (goal <= 1.2); "
+                  f"stream_norms / read_raw_seq = {t['stream_norms'] / t['read_raw_seq']:.2f}; "
                   f"stream_norms / read_safetensors = {t['stream_norms'] / t['read_safetensors']:.2f}; "
-                  f"published / stream_norms = {t['published'] / t['stream_norms']:.2f}")
+                  f"published / stream_norms = {t['published'] / t['stream_norms']:.2f}; "
+                  f"no read-ahead / read-ahead = {t['stream_norms_noprefetch'] / t['stream_norms']:.2f}")
         peak = med("stream_norms", "cold", "peak_mb")
         base = med("stream_norms", "cold", "base_mb")
         print(f"  stream_norms peak RSS {peak:.0f} MB vs goal 2 x {largest_mb:.0f} + 300 = {goal:.0f} MB "

@@ -15,7 +15,12 @@ from collections.abc import Sequence
 from .errors import VLMProbeError
 
 #: Modules that register subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("evaluation.commands", "commands.probes", "commands.surgery")
+COMMAND_MODULES: tuple[str, ...] = (
+    "weights.commands",
+    "evaluation.commands",
+    "commands.probes",
+    "commands.surgery",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

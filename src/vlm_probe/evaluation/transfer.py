@@ -69,8 +69,9 @@ def transfer_table(
         vlm: the host checkpoint loaded with :func:`vlm_probe.load` (merges are spliced into it).
         checkpoints: ``{"IN": path, "RL": path, ...}`` safetensors checkpoint directories.
         plans: variants to score (default: the six published early:mid:late thirds).
-        general, math, reasoning: datasets for M_vis, M_v2r and M_rea (see
-            :func:`~vlm_probe.evaluation.suite.evaluate_fine_grained`).
+        general: VQA items for M_vis (see :func:`~vlm_probe.evaluation.suite.evaluate_fine_grained`).
+        math: VQA items with descriptions for M_v2r.
+        reasoning: text-only items for M_rea.
         evaluate: instead of the fine-grained metrics, ``evaluate(vlm, variant) -> DataFrame``
             with columns ``metric, value, low, high, n`` (any metric).
         out: keep each variant's resumable runs under ``out/<variant>/``.

@@ -11,6 +11,7 @@ import pandas as pd
 from ..errors import InputError
 from ..io import atomic_write_text
 from .compare import compare_weights
+from .spectra import SVDConfig
 
 EXAMPLE = """example:
   vlm-probe weights ckpt/base ckpt/in ckpt/rl --cuts 8,20 --svd randomized --top-k 50 --out runs/weights
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--svd", choices=("auto", "exact", "randomized", "none"), default="auto",
                         help="spectra: exact, randomized top-k with an error bound, auto (by size), none (norms only)")
     parser.add_argument("--top-k", type=int, default=50, help="singular values/vectors kept per delta (default 50)")
+    parser.add_argument("--device", default="auto", help="where SVDs run: auto (CUDA when present), cpu, cuda, ...")
     parser.add_argument("--include", metavar="REGEX", help="only tensors whose module-path name matches")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle-only checkpoints (trusted only)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them.")
     names = _names(args)
     result = compare_weights(
-        dict(zip(names, args.checkpoints)), cuts=args.cuts, svd=args.svd, top_k=args.top_k,
+        dict(zip(names, args.checkpoints)), cuts=args.cuts,
+        svd=SVDConfig(mode=args.svd, top_k=args.top_k, device=args.device),
         include=args.include, allow_pickle=args.allow_pickle, quiet=args.quiet,
     )
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format):

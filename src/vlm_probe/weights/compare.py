@@ -161,7 +161,10 @@ def compare_weights(
     step_idx = _resolve_steps(names, steps)
     pairs = [(s - 1, s) for s in range(1, len(step_idx))]
     ref = ckpts[0]
-    pattern = re.compile(include) if include else None
+    try:
+        pattern = re.compile(include) if include else None
+    except re.error as error:
+        raise InputError(f"include={include!r} is not a valid regular expression: {error}.") from error
     selected = [n for n in ref.tensors if pattern is None or pattern.search(n)]
     if not selected:
         raise InputError(f"include={include!r} matches no tensor of {ref.path}.")
@@ -179,8 +182,12 @@ def compare_weights(
         else:
             compared.append(n)
 
-    jobs = [[(c, c.tensors[n]) for c in ckpts] for n in compared]
-    kernel = NormKernel(len(ckpts), step_idx, pairs)
+    used = sorted({i for step in step_idx for i in step})  # checkpoints no step touches are not read
+    position = {i: k for k, i in enumerate(used)}
+    local_steps = [(position[a], position[b]) for a, b in step_idx]
+    local_names = [names[i] for i in used]
+    jobs = [[(ckpts[i], ckpts[i].tensors[n]) for i in used] for n in compared]
+    kernel = NormKernel(len(used), local_steps, pairs)
     bytes_per_element = [sum(e.itemsize for _, e in job) for job in jobs]
     rows: list[dict[str, Any]] = []
     nonfinite_notes: list[str] = []
@@ -198,13 +205,13 @@ def compare_weights(
             if not piece.last:
                 continue
             job = jobs[piece.job]
-            norms = finish_norms(acc, job, step_idx, pairs, chunk_elements)
+            norms = finish_norms(acc, job, local_steps, pairs, chunk_elements)
             acc = None
             if norms.nonfinite:
-                note = _nonfinite_note(norms, names)
+                note = _nonfinite_note(norms, local_names)
                 nonfinite_notes.append(f"{compared[piece.job]}: {note}")
-            spectra = _spectra(job, norms, step_idx, pairs, config, chunk_elements)
-            rows.extend(_rows(job, norms, spectra, names, step_idx, pairs, cut, config))
+            spectra = _spectra(job, norms, local_steps, pairs, config, chunk_elements)
+            rows.extend(_rows(job, norms, spectra, local_names, local_steps, pairs, cut, config))
     finally:
         progress.close()
 

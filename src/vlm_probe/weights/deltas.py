@@ -91,26 +91,35 @@ class NormKernel:
         """Add one piece (``views[i]``: flat tensor of source ``i``, any float dtype)."""
         total = views[0].numel()
         self._workspace(min(total, self.inner))
+        n_w, n_s = len(self.weight_sources), len(self.steps)
+        sums = torch.empty(n_w + n_s + len(self.pairs), dtype=self.dtype)  # one sync per step, not per sum
         for start in range(0, total, self.inner):
             n = min(self.inner, total - start)
             w = [buf[:n] for buf in self._w]
             for i, view in enumerate(views):
                 w[i].copy_(view[start:start + n])
-            for i in self.weight_sources:
-                acc.weight_sq[i] += float(torch.dot(w[i], w[i]))
+            for j, i in enumerate(self.weight_sources):
+                torch.dot(w[i], w[i], out=sums[j])
             d = [buf[:n] for buf in self._d]
             for s, (a, b) in enumerate(self.steps):
                 torch.sub(w[b], w[a], out=d[s])
-                acc.delta_sq[s] += float(torch.dot(d[s], d[s]))
+                torch.dot(d[s], d[s], out=sums[n_w + s])
             if self.pairs:
                 p = self._p[:n]
                 p_np = p.numpy()
                 mask = self._mask[:n]
                 for k, (s, t) in enumerate(self.pairs):
                     torch.mul(d[s], d[t], out=p)
-                    acc.dot[k] += float(p.sum())
+                    torch.sum(p, dim=0, out=sums[n_w + n_s + k])
                     acc.agree[k] += int(np.count_nonzero(np.greater(p_np, 0, out=mask)))
                     acc.changed[k] += int(np.count_nonzero(p_np))
+            values = sums.tolist()
+            for j, i in enumerate(self.weight_sources):
+                acc.weight_sq[i] += values[j]
+            for s in range(n_s):
+                acc.delta_sq[s] += values[n_w + s]
+            for k in range(len(self.pairs)):
+                acc.dot[k] += values[n_w + n_s + k]
 
 
 def nonfinite_counts(checkpoint: Checkpoint, entry: TensorEntry, chunk_elements: int = 1 << 20) -> tuple[int, int]:

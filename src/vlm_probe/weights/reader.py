@@ -177,6 +177,9 @@ class TensorReader:
                     f"Cannot open {self.entry.file} (holding {self.entry.stored_name}): {error.strerror}. "
                     "Was the checkpoint moved or deleted while being read?"
                 ) from error
+            if hasattr(os, "posix_fadvise"):  # larger kernel read-ahead; start reading this tensor now
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                os.posix_fadvise(self._fd, self.entry.offset, self.entry.nbytes, os.POSIX_FADV_WILLNEED)
         else:
             self._tensor = _pickle_tensor(self.checkpoint, self.entry).reshape(-1)
         return self
@@ -248,8 +251,9 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
         if repo.is_dir():
             return _cache_snapshot(repo)
         raise CheckpointError(
-            f"{text!r} is not a local directory and is not in the hub cache ({HF_HUB_CACHE}). Weight comparison "
-            f"never downloads: fetch it first (e.g. `hf download {text}`) or pass a local directory."
+            f"{text!r} is neither an existing local directory nor a model in the hub cache ({HF_HUB_CACHE}). "
+            f"Check the path; weight comparison never downloads, so fetch hub models first "
+            f"(e.g. `hf download {text}`)."
         )
     raise CheckpointError(f"Checkpoint directory {given} does not exist.")
 

@@ -10,7 +10,6 @@ NaN/Inf are counted (``n_nonfinite``) and left out of every sum.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
