@@ -16,6 +16,7 @@ from .errors import VLMProbeError
 
 #: Modules that register subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
+    "commands.analyze",
     "weights.commands",
     "evaluation.commands",
     "commands.probes",

@@ -80,6 +80,7 @@ class Section:
             parts.append(fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}))
         for caption, table in self.tables:
             parts.append(f"<p><b>{html.escape(caption)}</b></p>")
+            table = table.dropna(axis=1, how="all")  # columns with no values say nothing
             parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
         for note in self.notes:
             parts.append(f"<p>{html.escape(note)}</p>")
