@@ -199,6 +199,39 @@ def _as_list(x: Any) -> list[Any]:
     return [x] if isinstance(x, str) else list(x)
 
 
+def _patching_frame(
+    receiver: Any,
+    donor: Any,
+    source_batch: Batch,
+    base_batch: Batch,
+    sites: list[str],
+    layers: list[int],
+    positions: Any,
+    metric: Any,
+    max_rows: int,
+    reuse_vision: bool,
+    progress: bool,
+    desc: str,
+    extra: dict[str, Any],
+) -> pd.DataFrame:
+    """Run ``donor`` on ``source_batch`` once, then patch its activations into ``receiver``'s run
+    of ``base_batch`` cell by cell; this process's share of the samples, gathered."""
+    mine = shard_indices(len(base_batch))
+    rows: list[dict[str, Any]] = []
+    if mine:
+        source_part, base_part = source_batch[mine], base_batch[mine]
+        cells = _cells(receiver, base_part, sites, layers, positions)
+        source = capture(donor, source_part, [(c.site, c.layer) for c in cells],
+                         metric_index(source_part, metric.position))
+        base = capture(receiver, base_part, _prefix_sites(cells) if reuse_vision else (),
+                       metric_index(base_part, metric.position), vision=reuse_vision)
+        rows = _run_cells(receiver, base_part, source, base.logits, cells, metric, base if reuse_vision else None,
+                          max_rows, progress, desc)
+        for row in rows:
+            row.update(sample=mine[row["sample"]], **extra)
+    return gather_frame(pd.DataFrame(rows), sort=["cell", "sample"])
+
+
 def sweep(
     vlm: Any,
     clean: Batch,
@@ -236,23 +269,10 @@ def sweep(
         )
     metric = metric or M.restored()
     layers = list(range(vlm.n_layers)) if layers is None else list(layers)
-    sites = _as_list(site)
-    mine = shard_indices(len(clean))
-    rows: list[dict[str, Any]] = []
-    if mine:
-        clean_s, corrupt_s = clean[mine], corrupt[mine]
-        cells = _cells(vlm, corrupt_s, sites, layers, positions)
-        index = metric_index(clean_s, metric.position)
-        source = capture(vlm, clean_s, [(c.site, c.layer) for c in cells], index)
-        base = capture(vlm, corrupt_s, _prefix_sites(cells) if reuse_vision else (),
-                       metric_index(corrupt_s, metric.position), vision=reuse_vision)
-        rows = _run_cells(vlm, corrupt_s, source, base.logits, cells, metric, base if reuse_vision else None,
-                          max_rows, progress, "patching")
-        for row in rows:
-            row["sample"] = mine[row["sample"]]
-    frame = gather_frame(pd.DataFrame(rows), sort=["cell", "sample"])
-    return PatchingResult(frame, {"analysis": "sweep", "metric": metric.name, "sites": sites, "layers": layers,
-                                  "positions": str(positions), "n_samples": len(clean)})
+    frame = _patching_frame(vlm, vlm, clean, corrupt, _as_list(site), layers, positions, metric, max_rows,
+                            reuse_vision, progress, "patching", {})
+    return PatchingResult(frame, {"analysis": "sweep", "metric": metric.name, "sites": _as_list(site),
+                                  "layers": layers, "positions": str(positions), "n_samples": len(clean)})
 
 
 def cross_patch(
@@ -280,22 +300,12 @@ def cross_patch(
     check_same_architecture({names[0]: receiver, names[1]: donor})
     metric = metric or M.restored()
     layers = list(range(receiver.n_layers)) if layers is None else list(layers)
-    sites = _as_list(site)
-    mine = shard_indices(len(batch))
-    rows: list[dict[str, Any]] = []
-    if mine:
-        part = batch[mine]
-        cells = _cells(receiver, part, sites, layers, positions)
-        index = metric_index(part, metric.position)
-        source = capture(donor, part, [(c.site, c.layer) for c in cells], index)
-        base = capture(receiver, part, _prefix_sites(cells) if reuse_vision else (), index, vision=reuse_vision)
-        rows = _run_cells(receiver, part, source, base.logits, cells, metric, base if reuse_vision else None,
-                          max_rows, progress, f"{names[1]} -> {names[0]}")
-        for row in rows:
-            row.update(sample=mine[row["sample"]], receiver=names[0], donor=names[1])
-    frame = gather_frame(pd.DataFrame(rows), sort=["cell", "sample"])
-    return PatchingResult(frame, {"analysis": "cross_patch", "metric": metric.name, "sites": sites, "layers": layers,
-                                  "positions": str(positions), "receiver": names[0], "donor": names[1]})
+    frame = _patching_frame(receiver, donor, batch, batch, _as_list(site), layers, positions, metric, max_rows,
+                            reuse_vision, progress, f"{names[1]} -> {names[0]}",
+                            {"receiver": names[0], "donor": names[1]})
+    return PatchingResult(frame, {"analysis": "cross_patch", "metric": metric.name, "sites": _as_list(site),
+                                  "layers": layers, "positions": str(positions), "receiver": names[0],
+                                  "donor": names[1]})
 
 
 def cross_checkpoint_sweep(
