@@ -101,6 +101,10 @@ def test_checkpoints_are_ordinary_hf_directories(testbed) -> None:
     with vlm.trace(batch):
         logits = vlm.lm_head.output.save()
     assert logits.shape[-1] == vlm.vocab_size
+    stop = vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert stop in vlm.hf.generation_config.eos_token_id  # plain generate() stops at the end of the turn
+    out = vlm.hf.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] <= batch.width + 4
     info = testbed.info
     assert set(info["accuracy"]) == {"Base", "IN", "RL"} and info["times"]["total"]["wall_s"] > 0
     assert json.loads((testbed.path / "recipe.json").read_text()) == testbed.recipe.to_dict()
@@ -110,6 +114,8 @@ def test_checkpoints_are_ordinary_hf_directories(testbed) -> None:
 
 def test_rl_changed_every_tensor_and_freezing_keeps_them_bit_identical(testbed, in_model) -> None:
     model = in_model[0]
+    # the policy gradient was really non-zero (rewards varied within a group), not just rounding noise
+    assert any(abs(row["pg"]) > 1e-3 for row in testbed.info["rl_log"])
     base_in, rl = tensors(testbed.checkpoint("IN")), tensors(testbed.checkpoint("RL"))
     assert all(not torch.equal(base_in[k], rl[k]) for k in base_in), "RL left a tensor unchanged"
 
@@ -250,3 +256,63 @@ def test_cli_builds_the_reduced_testbed(testbed, cache, capsys) -> None:
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == str(testbed.path)
     assert "vlm-probe testbed build --reduced" in parser._subparsers._group_actions[0].choices["testbed"].format_help()
+
+
+def test_rl_effect_pairs_in_and_rl_on_shared_items(testbed, cache, tmp_path) -> None:
+    import numpy as np
+
+    from vlm_probe.results import Result
+    from vlm_probe.testbed.rl_effect import RLEffect, evaluation_items, rl_effect, score_checkpoint
+
+    result = rl_effect((0, 1), reduced=True, quiet=True, cache_dir=cache, n_resamples=200)
+    frame = result.to_frame()
+    families = frame[frame["by"] == "family"]
+    assert set(families["seed"]) == {"0", "1", "pooled"}
+    # oracle: the seed-0 rows equal accuracies computed here from per-item scores
+    items = evaluation_items(testbed)
+    assert {i.family for i in items} == {"perception", "v2r", "text", "described", "swap"}
+    a, b = score_checkpoint(testbed, "IN", items), score_checkpoint(testbed, "RL", items)
+    other = build_testbed(Recipe.reduced_size(seed=1), quiet=True, cache_dir=cache)
+    assert [i.id for i in evaluation_items(other)] == [i.id for i in items]  # one shared held-out set
+    a1, b1 = score_checkpoint(other, "IN", items), score_checkpoint(other, "RL", items)
+    for family in ("perception", "swap"):
+        index = [k for k, item in enumerate(items) if item.family == family]
+        row = families[(families["seed"] == "0") & (families["group"] == family)].iloc[0]
+        assert row["n"] == len(index)
+        assert row["IN"] == pytest.approx(a[index].mean()) and row["RL"] == pytest.approx(b[index].mean())
+        assert row["diff"] == pytest.approx(b[index].mean() - a[index].mean())
+        assert row["diff_low"] <= row["diff"] <= row["diff_high"]
+        pooled = families[(families["seed"] == "pooled") & (families["group"] == family)].iloc[0]
+        expected = np.mean([b[index].mean() - a[index].mean(), b1[index].mean() - a1[index].mean()])
+        assert pooled["diff"] == pytest.approx(expected)
+    assert len(result.table()) == len(families)
+    assert result.plot().data
+    saved = Result.load(result.save(tmp_path / "effect"))
+    assert isinstance(saved, RLEffect) and len(saved.frame) == len(frame)
+
+
+def test_necessity_table_compares_frozen_rl_with_in_and_rl(testbed, in_model) -> None:
+    from vlm_probe.testbed.necessity import necessity_table
+    from vlm_probe.testbed.rl_effect import evaluation_items, score_checkpoint
+    from vlm_probe.weights.plans import FreezePlan
+
+    plan = FreezePlan(("mid",))
+    model = in_model[0]
+    assert frozen_names(model, plan) == frozen_names(model, "mid")  # the surgery module's plans plug in
+    table = necessity_table(testbed, freeze=("late", plan), quiet=True, n_resamples=200)
+    frame = table.to_frame()
+    assert list(dict.fromkeys(frame["variant"])) == ["IN", "RL", "RL-frozen-late", "RL-frozen-mid"]
+    items = evaluation_items(testbed)
+    late = score_checkpoint(testbed, "rl-freeze-late", items)
+    rl = score_checkpoint(testbed, "RL", items)
+    index = [k for k, item in enumerate(items) if item.family == "v2r"]
+    row = frame[(frame["variant"] == "RL-frozen-late") & (frame["family"] == "v2r")].iloc[0]
+    assert row["accuracy"] == pytest.approx(late[index].mean())
+    assert row["vs_RL"] == pytest.approx(late[index].mean() - rl[index].mean())
+    assert set(table.meta["rl_reward"]) == {"RL", "RL-frozen-late", "RL-frozen-mid"}
+    assert len(table.summary()) == 4 and table.plot().data
+    variant = tensors(testbed.checkpoint("rl-freeze-mid"))
+    base_in = tensors(testbed.checkpoint("IN"))
+    spec = vlm_probe.arch.get_spec(model.config)
+    frozen_mid = frozen_names(model, "mid")
+    assert all(torch.equal(variant[k], base_in[k]) == (spec.module_path(k) in frozen_mid) for k in variant)

@@ -19,7 +19,7 @@ from PIL import Image
 from vlm_probe.testbed import scenes, tasks
 from vlm_probe.testbed.datasets import write_datasets
 
-CELL, GRID = 14, 4
+CELL = 14
 PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle"}
 
 
@@ -42,10 +42,11 @@ def colour_name(rgb: np.ndarray) -> str:
 def detect(path: Path) -> dict[tuple[int, int], tuple[str, str]]:
     """(row, column) -> (colour, shape), read from the pixels of a rendered scene."""
     pixels = np.asarray(Image.open(path).convert("RGB"))
-    assert pixels.shape == (GRID * CELL, GRID * CELL, 3)
+    grid = pixels.shape[0] // CELL
+    assert pixels.shape == (grid * CELL, grid * CELL, 3)
     found = {}
-    for row in range(GRID):
-        for col in range(GRID):
+    for row in range(grid):
+        for col in range(grid):
             block = pixels[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
             on = block.sum(axis=2) > 0
             if not on.any():
@@ -228,8 +229,19 @@ def test_scene_rules_and_rendering() -> None:
         scenes.Scene((scenes.Shape(5, 1, "red", "circle"),))
     scene = scenes.Scene((scenes.Shape(2, 3, "blue", "triangle"),))
     pixels = scenes.render_array(scene)
+    assert pixels.shape == (42, 42, 3)
     assert (pixels[:14].sum() == 0) and pixels[14:28, 28:42].any()
+    assert scenes.render_array(scenes.Scene(scene.shapes, grid=4)).shape == (56, 56, 3)
     with pytest.raises(ValueError, match="Unknown task family"):
         tasks.make_item(np.random.default_rng(0), "vision")
     with pytest.raises(ValueError, match="Unknown mixture entry"):
         tasks.parse_mixture((("perception/colour", 1.0),))
+
+
+def test_larger_grids_render_and_answer_right(tmp_path) -> None:
+    folder = write_datasets(tmp_path / "grid4", seed=2, counts={"perception": 21, "v2r": 10},
+                            swap_per_task=3, scenes=tasks.SceneOptions(grid=4, max_shapes=10))
+    for row in read_jsonl(folder / "perception.jsonl") + read_jsonl(folder / "v2r.jsonl"):
+        found = detect(folder / row["image"])
+        assert answer_from_pixels(row["question"], found) == row["answer"], row
+    assert Image.open(folder / "images" / "blank.png").size == (56, 56)

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluation.commands",
     "commands.probes",
     "commands.surgery",
+    "testbed.commands",
 )
 
 

@@ -125,6 +125,10 @@ def resolve_inputs(
     fmt: dict[str, Any] = {}
     if data is not None and (Path(data) / "manifest.json").is_file():
         fmt = json.loads((Path(data) / "manifest.json").read_text()).get("prompt_format", {}) or {}
+    if testbed is not None and not fmt:
+        from ..testbed.datasets import PROMPT_FORMAT
+
+        fmt = dict(PROMPT_FORMAT)
     return Inputs({k: Path(v) for k, v in checkpoints.items()}, files, testbed, fmt)
 
 

@@ -17,7 +17,6 @@ build leaves nothing that looks finished; an existing folder is reused unless ``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -35,12 +34,12 @@ from ..io import atomic_directory, atomic_write_json
 from ..model.processors import save_processor
 from .datasets import write_into
 from .encoding import Encoder
+from .factory import testbed_model
 from .freezing import FreezeSpec, describe_freeze, frozen_names
 from .recipe import Recipe
 from .rl import grpo
 from .tasks import Item, ItemStream, SwapPair, held_out_items, swap_pairs
 from .train import evaluate, sft
-from .zoo import tiny_vlm
 
 STAGES: tuple[str, ...] = ("Base", "IN", "RL")
 _DIRS = {"base": "base", "in": "in", "rl": "rl"}
@@ -137,24 +136,14 @@ def _exclusions(items: list[Item], pairs: list[SwapPair]) -> frozenset[str]:
     return frozenset(keys)
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.times: dict[str, dict[str, float]] = {}
-
-    def stage(self, name: str) -> Any:
-        clock = self
-
-        class _Timer:
-            def __enter__(self) -> None:
-                self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-            def __exit__(self, *exc: object) -> None:
-                clock.times[name] = {
-                    "wall_s": round(time.perf_counter() - self.wall, 2),
-                    "cpu_s": round(time.process_time() - self.cpu, 2),
-                }
-
-        return _Timer()
+@contextmanager
+def _timed(times: dict[str, dict[str, float]], name: str) -> Iterator[None]:
+    """Record the block's wall and CPU seconds (all threads of this process) in ``times[name]``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        times[name] = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}
 
 
 @contextmanager
@@ -217,13 +206,14 @@ def build_testbed(
 
 
 def _build_into(directory: Path, recipe: Recipe, quiet: bool) -> dict[str, Any]:
-    clock = _Clock()
-    with clock.stage("total"):
-        tiny = tiny_vlm(recipe.family, seed=recipe.stage_seed("init"), **dataclasses.asdict(recipe.sizes))
+    times: dict[str, dict[str, float]] = {}
+    with _timed(times, "total"):
+        tiny = testbed_model(recipe.family, seed=recipe.stage_seed("init"), sizes=recipe.sizes,
+                             rope_theta=recipe.rope_theta, init_gain=recipe.init_gain)
         model, processor = tiny.model, tiny.processor
         spec = get_spec(model.config)
         encoder = Encoder(model, processor, spec)
-        with clock.stage("data"):
+        with _timed(times, "data"):
             held_out = held_out_items(recipe.eval_seed, recipe.eval_count_map, scenes=recipe.scenes)
             pairs = swap_pairs(recipe.eval_seed + 1, recipe.swap_per_task, scenes=recipe.scenes)
             (directory / "data").mkdir()
@@ -236,7 +226,7 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool) -> dict[str, Any]:
         losses: dict[str, list[float]] = {}
         for stage, stage_recipe, name in (("base", recipe.base, "Base"), ("instruct", recipe.instruct, "IN")):
             _say(quiet, f"{name}: {stage_recipe.steps} steps of {stage_recipe.batch_size}")
-            with clock.stage(name):
+            with _timed(times, name):
                 losses[name] = sft(
                     model, encoder, stream(stage, stage_recipe.mixture), steps=stage_recipe.steps,
                     batch_size=stage_recipe.batch_size, lr=stage_recipe.lr, warmup=stage_recipe.warmup,
@@ -244,20 +234,20 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool) -> dict[str, Any]:
                 )
                 _save(model, processor, encoder, directory / _DIRS["base" if name == "Base" else "in"])
         _say(quiet, f"RL: {recipe.rl.steps} steps of {recipe.rl.prompts} prompts x {recipe.rl.group} samples")
-        with clock.stage("RL"):
+        with _timed(times, "RL"):
             # policy and reference start from the saved IN checkpoint, exactly as build_rl_variant does
             policy, _ = _model_from(directory / "in")
             reference, _ = _model_from(directory / "in")
             rl_log = _run_rl(policy, reference, encoder, recipe, recipe.rl.freeze or None, exclude, quiet)
             _save(policy, processor, encoder, directory / "rl")
-        with clock.stage("evaluate"):
+        with _timed(times, "evaluate"):
             accuracy = {}
             for name, weights in (("Base", _model_from(directory / "base")[0]), ("IN", reference), ("RL", policy)):
                 accuracy[name] = evaluate(weights, encoder, held_out).accuracy()
     _say(quiet, "held-out accuracy " + json.dumps({k: {f: round(v, 3) for f, v in a.items()} for k, a in accuracy.items()}))
     return {
         "recipe_hash": recipe.hash(),
-        "times": clock.times,
+        "times": times,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "losses": losses,
@@ -295,8 +285,9 @@ def build_rl_variant(
 
     Args:
         testbed: a finished build.
-        freeze: regions (``{"early"}``, ``("mid", "late")``, ``"vision"``) or a callable on parameter
-            names; None trains everything (with ``rl_seed=0`` this reproduces ``rl/`` exactly).
+        freeze: regions (``{"early"}``, ``("mid", "late")``, ``"vision"``), a
+            :class:`~vlm_probe.weights.plans.FreezePlan`, or a callable on parameter names; None
+            trains everything (with ``rl_seed=0`` this reproduces ``rl/`` exactly).
         name: the variant's folder name (default ``rl-freeze-<regions>``; required for callables).
         rl_seed: offset of the RL data and sampling seeds (0: the build's own).
 
@@ -307,7 +298,9 @@ def build_rl_variant(
         if callable(freeze):
             raise MergePlanError("Name the variant (name=...) when freezing with a callable.")
         regions = describe_freeze(freeze)
+        cuts = getattr(freeze, "cuts", None)  # a FreezePlan's own cuts
         name = "rl-freeze-" + ("-".join(regions) if regions else "none") + (f"-seed{rl_seed}" if rl_seed else "")
+        name += f"-cuts{cuts[0]}-{cuts[1]}" if cuts else ""
     path = testbed.path / "variants" / name
     if path.is_dir() and not force:
         _say(quiet, f"using the cached variant {path}")

@@ -9,7 +9,7 @@ BUILD_EXAMPLE = """\
 examples:
   vlm-probe testbed build                 # full build (about 10 minutes on 2 CPU cores), cached
   vlm-probe testbed build --reduced       # tiny test-size build (seconds)
-  vlm-probe testbed build --seed 1 --force --quiet
+  vlm-probe testbed build --seed 1 --force --quiet --threads 1
 """
 REPORT_EXAMPLE = """\
 examples:
@@ -43,6 +43,8 @@ def register(subparsers: Any) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     build.add_argument("--cache-dir", default=None, help="cache root (default $VLM_PROBE_CACHE or ~/.cache/vlm_probe)")
+    build.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
     build.set_defaults(func=run_build)
 
     report = sub.add_parser(
@@ -58,13 +60,22 @@ def register(subparsers: Any) -> None:
     report.add_argument("--out", default=None, help="save the result (table.parquet, meta.json) to this folder")
     report.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     report.add_argument("--cache-dir", default=None, help="cache root")
+    report.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     report.set_defaults(func=run_report)
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def run_build(args: argparse.Namespace) -> int:
     from .build import build_testbed
     from .recipe import Recipe
 
+    _threads(args.threads)
     recipe = (Recipe.reduced_size() if args.reduced else Recipe()).replace(seed=args.seed, family=args.family)
     testbed = build_testbed(recipe, force=args.force, quiet=args.quiet, cache_dir=args.cache_dir)
     print(testbed.path)
@@ -76,6 +87,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     from .rl_effect import rl_effect
 
+    _threads(args.threads)
     result = rl_effect(args.seeds, reduced=args.reduced, quiet=args.quiet, cache_dir=args.cache_dir)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(result.table(args.by).to_string(index=False))

@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_directory, atomic_write_json
-from .scenes import blank_image, render
+from .scenes import CELL, GRID, blank_image, render
 from .tasks import Item, SceneOptions, SwapPair, held_out_items, swap_pairs
 
 VQA_FILES = {"perception": "perception.jsonl", "v2r": "v2r.jsonl"}
 TEXT_FILE = "text.jsonl"
+#: How the harness must word prompts for the testbed (``described`` items put the description
+#: before the question; blank images may be white): ``PromptFormat(**PROMPT_FORMAT)``.
+PROMPT_FORMAT: dict[str, Any] = {"description_template": "{description} {question}", "blank_color": [255, 255, 255]}
 SWAP_FILE = "swap.jsonl"
 
 
@@ -87,13 +90,15 @@ def write_into(
                 },
             }
         )
-    blank_image().save(images / "blank.png")
+    grid = next((item.scene.grid for item in items if item.scene is not None), GRID)
+    blank_image(grid * CELL).save(images / "blank.png")
     for family, name in VQA_FILES.items():
         _jsonl(directory / name, rows[family])
     _jsonl(directory / TEXT_FILE, rows["text"])
     _jsonl(directory / SWAP_FILE, swap_rows)
     manifest = {
         "seed": seed,
+        "prompt_format": PROMPT_FORMAT,
         "files": {**VQA_FILES, "text": TEXT_FILE, "swap": SWAP_FILE, "blank_image": "images/blank.png"},
         "counts": {**{f: len(rows[f]) for f in VQA_FILES}, "text": len(rows["text"]), "swap": len(swap_rows)},
     }

@@ -4,7 +4,8 @@ The prompt of each row is run once (:func:`prefill`), its KV cache is repeated f
 of completions (:meth:`Prefix.expand`), and the completion tokens run on top of it
 (:func:`extend`). Positions continue from the explicit prompt positions, so the same code
 serves 1-D RoPE families and Qwen-VL's 3-D positions. Gradients flow through the whole
-thing, which is how :mod:`vlm_probe.testbed.rl` scores sampled completions.
+thing: :func:`rollout` samples completions and keeps the logits that chose them, which is
+how :mod:`vlm_probe.testbed.rl` scores its samples in the same pass.
 
 Sampling takes a ``torch.Generator`` (no global random state) and never emits the image
 placeholder or padding tokens.
@@ -104,6 +105,42 @@ def _choose(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def rollout(
+    model: Any,
+    encoder: Encoder,
+    encoded: Encoded,
+    *,
+    max_new_tokens: int = 3,
+    n: int = 1,
+    sample: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Int[Tensor, "rows steps"], Float[Tensor, "rows steps vocab"]]:
+    """Generate up to ``max_new_tokens`` per row (``n`` per prompt, rows ``[a, a, b, b]``) with their logits.
+
+    Greedy unless ``sample``; stops once every row has produced the stop token, and tokens after
+    a row's stop token are the stop token again. The logits that chose each token are returned
+    (with gradients when grad is enabled), so one pass both samples and scores a rollout.
+    """
+    prefix = prefill(model, encoded).expand(n)
+    stop = encoder.stop_id
+    chosen: list[Tensor] = []
+    scores: list[Tensor] = []
+    done = torch.zeros(prefix.logits.shape[0], dtype=torch.bool)
+    logits = prefix.logits
+    for step in range(max_new_tokens):
+        token = _choose(logits, encoder.suppressed, sample=sample, temperature=temperature, generator=generator)
+        token = torch.where(done, torch.full_like(token, stop), token)
+        chosen.append(token)
+        scores.append(logits)
+        done |= token == stop
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        step_logits, prefix = extend(model, prefix, token.unsqueeze(1))
+        logits = step_logits[:, -1]
+    return torch.stack(chosen, dim=1), torch.stack(scores, dim=1)
+
+
 @torch.no_grad()
 def complete(
     model: Any,
@@ -116,26 +153,10 @@ def complete(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Int[Tensor, "rows steps"]:
-    """Generate up to ``max_new_tokens`` per row (``n`` per prompt, rows ``[a, a, b, b]``).
-
-    Greedy unless ``sample``; stops early once every row has produced the stop token. Tokens
-    after a row's stop token are the stop token again.
-    """
-    prefix = prefill(model, encoded).expand(n)
-    stop = encoder.stop_id
-    chosen: list[Tensor] = []
-    done = torch.zeros(prefix.logits.shape[0], dtype=torch.bool)
-    logits = prefix.logits
-    for step in range(max_new_tokens):
-        token = _choose(logits, encoder.suppressed, sample=sample, temperature=temperature, generator=generator)
-        token = torch.where(done, torch.full_like(token, stop), token)
-        chosen.append(token)
-        done |= token == stop
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        step_logits, prefix = extend(model, prefix, token.unsqueeze(1))
-        logits = step_logits[:, -1]
-    return torch.stack(chosen, dim=1)
+    """Tokens of :func:`rollout` without gradients (greedy answers, or samples)."""
+    tokens, _ = rollout(model, encoder, encoded, max_new_tokens=max_new_tokens, n=n, sample=sample,
+                        temperature=temperature, generator=generator)
+    return tokens
 
 
 def completion_logits(

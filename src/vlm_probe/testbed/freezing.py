@@ -1,9 +1,10 @@
 """Which parameters a training stage may change: regions of the model, named the same for every family.
 
-A freezing spec is a region name, a collection of region names, or any callable that takes
-a parameter's module-path name (``model.language_model.layers.3.mlp.up_proj.weight``) and
-returns True to freeze it, so that a plan built elsewhere (the surgery module's freezing
-plans) plugs in unchanged. Regions:
+A freezing spec is a region name, a collection of region names, a
+:class:`vlm_probe.weights.plans.FreezePlan` (the surgery module's plans, including its own
+region syntax such as ``layers:A-B``), or any callable that takes a parameter's module-path
+name (``model.language_model.layers.3.mlp.up_proj.weight``) and returns True to freeze it.
+Regions:
 
 ======================  ==================================================================
 ``vision``              vision tower (blocks, patch and position embeddings, its norms)
@@ -34,7 +35,7 @@ from ..errors import MergePlanError
 REGIONS: tuple[str, ...] = ("vision", "projector", "embed", "early", "mid", "late", "final_norm", "lm_head", "other")
 THIRDS: tuple[str, ...] = ("early", "mid", "late")
 
-FreezeSpec = Union[str, Collection[str], Callable[[str], bool], None]
+FreezeSpec = Union[str, Collection[str], Callable[[str], bool], Any, None]
 
 
 def thirds_cuts(n_layers: int, cuts: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -97,6 +98,10 @@ def frozen_names(
     names = [name for name, _ in model.named_parameters()]
     if freeze is None:
         return frozenset()
+    if hasattr(freeze, "is_frozen") and hasattr(freeze, "frozen"):  # a vlm_probe.weights FreezePlan
+        from ..weights.freezing import frozen_parameter_names
+
+        return frozenset(frozen_parameter_names(model, freeze, spec or get_spec(model.config)))  # type: ignore[arg-type]
     if callable(freeze):
         return frozenset(name for name in names if freeze(name))
     wanted = {freeze} if isinstance(freeze, str) else set(freeze)
@@ -134,6 +139,8 @@ def describe_freeze(freeze: FreezeSpec) -> Any:
     """A JSON-able description of a freezing spec (callables by their qualified name)."""
     if freeze is None:
         return []
+    if hasattr(freeze, "is_frozen") and hasattr(freeze, "frozen"):
+        return sorted(freeze.frozen)  # type: ignore[union-attr]
     if callable(freeze):
         return f"callable:{getattr(freeze, '__module__', '?')}.{getattr(freeze, '__qualname__', repr(freeze))}"
     return [freeze] if isinstance(freeze, str) else sorted(freeze)

@@ -1,7 +1,8 @@
 """Group-relative policy-gradient RL with a verifiable exact-match reward and a KL term to IN.
 
 Each step draws ``prompts`` items, samples ``group`` completions per prompt from the policy
-(shared prompt prefix, :mod:`vlm_probe.testbed.decoding`), rewards a completion 1 when its
+(one pass over a shared prompt prefix that both samples and keeps the logits for the loss,
+:func:`vlm_probe.testbed.decoding.rollout`), rewards a completion 1 when its
 text up to the stop token equals the item's answer (0 otherwise, a missing stop token
 included), and normalises rewards within each group (advantage = (r - mean) / std, 0 when
 the whole group agrees). The loss is the advantage-weighted negative log-likelihood of the
@@ -17,14 +18,13 @@ are not given to the optimizer, so they stay bit-identical.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .decoding import complete, completion_logits, decode_answers
+from .decoding import completion_logits, decode_answers, rollout
 from .encoding import Encoder
 from .freezing import frozen
 from .tasks import Item
@@ -76,29 +76,28 @@ def grpo(
         for _ in bar:
             items = [next(stream) for _ in range(prompts)]
             parts = encoder(items)
-            policy.eval()  # sampling and scoring without dropout-like train-mode differences
-            samples = []
-            for part in parts:
-                tokens = complete(policy, encoder, part, max_new_tokens=max_new_tokens, n=group, sample=True,
-                                  temperature=temperature, generator=generator)
+            policy.train()
+            scored = []
+            for part in parts:  # one pass with gradients samples the completions and scores them
+                tokens, logits = rollout(policy, encoder, part, max_new_tokens=max_new_tokens, n=group,
+                                         sample=True, temperature=temperature, generator=generator)
                 answers = decode_answers(encoder, tokens)
                 wanted = [item.answer for item in part.items for _ in range(group)]
                 rewards = torch.tensor([float(a == w) for a, w in zip(answers, wanted)])
-                samples.append((part, tokens, rewards))
-            n_tokens = sum(int(completion_mask(t, encoder.stop_id).sum()) for _, t, _ in samples)
+                scored.append((part, tokens, logits, rewards))
+            n_tokens = sum(int(completion_mask(t, encoder.stop_id).sum()) for _, t, _, _ in scored)
             row: dict[str, float] = {"reward": 0.0, "kl": 0.0, "pg": 0.0}
-            policy.train()
-            for part, tokens, rewards in samples:
+            for part, tokens, logits, rewards in scored:
                 mask = completion_mask(tokens, encoder.stop_id).float()
                 advantages = group_advantages(rewards, group)
-                logp = F.log_softmax(completion_logits(policy, part, tokens, group), dim=-1)
+                logp = F.log_softmax(logits, dim=-1)
                 with torch.no_grad():
                     ref_logp = F.log_softmax(completion_logits(reference, part, tokens, group), dim=-1)
                 token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
                 pg = -(advantages.unsqueeze(1) * token_logp * mask).sum()
                 kl_tokens = (logp.exp() * (logp - ref_logp)).sum(-1)
                 kl_sum = (kl_tokens * mask).sum()
-                ((pg + kl * kl_sum) / n_tokens).backward()
+                ((pg + kl * kl_sum) / n_tokens).backward(retain_graph=False)
                 row["pg"] += float(pg.detach()) / n_tokens
                 row["kl"] += float(kl_sum.detach()) / n_tokens
                 row["reward"] += float(rewards.sum()) / (len(items) * group)

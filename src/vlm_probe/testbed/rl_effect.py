@@ -16,15 +16,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..arch import get_spec
 from ..results import Result
 from ..stats import bootstrap, paired_difference
-from .build import Testbed, _model_from, build_testbed
+from .build import Testbed, _hf_bars, _model_from, build_testbed
 from .encoding import Encoder
 from .recipe import Recipe
 from .tasks import Item
 from .train import evaluate
-
-from ..arch import get_spec
 
 
 def swap_items(testbed: Testbed) -> list[Item]:
@@ -41,9 +40,10 @@ def evaluation_items(testbed: Testbed) -> list[Item]:
     return testbed.held_out() + swap_items(testbed)
 
 
-def score_checkpoint(testbed: Testbed, stage: str, items: Sequence[Item]) -> np.ndarray:
+def score_checkpoint(testbed: Testbed, stage: str, items: Sequence[Item], *, quiet: bool = True) -> np.ndarray:
     """Exact-match correctness (0/1 per item) of one checkpoint, greedy."""
-    model, processor = _model_from(testbed.checkpoint(stage))
+    with _hf_bars(quiet):
+        model, processor = _model_from(testbed.checkpoint(stage))
     encoder = Encoder(model, processor, get_spec(model.config))
     return evaluate(model, encoder, items).correct
 
@@ -137,7 +137,8 @@ def rl_effect(
     for seed in seeds:
         testbed = build_testbed(base.replace(seed=seed), quiet=quiet, cache_dir=cache_dir)
         items = evaluation_items(testbed)
-        a, b = score_checkpoint(testbed, "IN", items), score_checkpoint(testbed, "RL", items)
+        a = score_checkpoint(testbed, "IN", items, quiet=quiet)
+        b = score_checkpoint(testbed, "RL", items, quiet=quiet)
         per_seed.append((a, b))
         rows += _rows(seed, items, a, b, n_resamples)
         builds[str(seed)] = {"path": str(testbed.path), "times": testbed.info["times"]}

@@ -2,8 +2,8 @@
 
 A :class:`Scene` is a set of :class:`Shape` objects, at most one per cell of a
 ``grid x grid`` board. :func:`render` draws it as an RGB image of ``grid * cell`` pixels a
-side (56 x 56 by default: a 4 x 4 grid of 14-pixel cells, so a Qwen-VL tower with patch 7
-and a 2 x 2 merge sees one vision token per cell). Drawing is exact (no anti-aliasing): every
+side (42 x 42 by default: a 3 x 3 grid of 14-pixel cells, so a Qwen-VL tower with patch 7
+and a 2 x 2 merge sees one vision token per cell; ``grid=4`` gives 56 x 56 and 16 tokens). Drawing is exact (no anti-aliasing): every
 pixel of a shape has its palette colour and every other pixel is the background.
 
 Rows and columns are numbered from 1, top-left first, as the questions say them.
@@ -28,7 +28,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
-GRID = 4
+GRID = 3
 CELL = 14
 
 
@@ -101,7 +101,7 @@ class Scene:
 
 
 def random_scene(
-    rng: np.random.Generator, *, grid: int = GRID, min_shapes: int = 1, max_shapes: int = 8
+    rng: np.random.Generator, *, grid: int = GRID, min_shapes: int = 1, max_shapes: int = 6
 ) -> Scene:
     """A scene with a uniform number of shapes in ``[min_shapes, max_shapes]`` on random cells."""
     n = int(rng.integers(min_shapes, max_shapes + 1))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .scenes import BACKGROUND, COLORS, GRID, SHAPES, Scene, Shape, blank_image, random_scene, render
+from .scenes import BACKGROUND, CELL, COLORS, GRID, SHAPES, Scene, Shape, blank_image, random_scene, render
 
 FAMILIES: tuple[str, ...] = ("perception", "v2r", "text", "described")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -63,7 +63,8 @@ class Item:
             assert self.scene is not None
             return render(self.scene)
         if self.image == "blank":
-            return blank_image(color=self.blank_color)
+            side = (self.scene.grid if self.scene is not None else GRID) * CELL
+            return blank_image(side, color=self.blank_color)
         return None
 
     @property
@@ -158,23 +159,23 @@ def _more_shape(rng: np.random.Generator, scene: Scene) -> QA:
 
 
 def _add(rng: np.random.Generator) -> QA:
-    a, b = (int(x) for x in rng.integers(0, 13, size=2))
+    a, b = (int(x) for x in rng.integers(0, 10, size=2))
     return f"what is {a} plus {b} ?", str(a + b)
 
 
 def _sub(rng: np.random.Generator) -> QA:
-    a = int(rng.integers(0, 21))
+    a = int(rng.integers(0, 13))
     b = int(rng.integers(0, a + 1))
     return f"what is {a} minus {b} ?", str(a - b)
 
 
 def _add3(rng: np.random.Generator) -> QA:
-    a, b, c = (int(x) for x in rng.integers(0, 8, size=3))
+    a, b, c = (int(x) for x in rng.integers(0, 6, size=3))
     return f"what is {a} plus {b} plus {c} ?", str(a + b + c)
 
 
 def _more(rng: np.random.Generator) -> QA:
-    a, b = (int(x) for x in rng.integers(0, 21, size=2))
+    a, b = (int(x) for x in rng.integers(0, 13, size=2))
     return f"is {a} more than {b} ?", "yes" if a > b else "no"
 
 
@@ -215,7 +216,7 @@ class SceneOptions:
     """How scenes are drawn: number of shapes per scene."""
 
     min_shapes: int = 1
-    max_shapes: int = 8
+    max_shapes: int = 6
     grid: int = GRID
 
 

@@ -1,0 +1,82 @@
+"""The testbed's untrained model: a zoo model with the initialisation and RoPE base it trains with.
+
+Initialisation: HF initialises every linear layer with a standard deviation of 0.02, which
+for layers 64-256 wide is several times smaller than ``1 / sqrt(fan_in)``; a model that
+small then sits on a long plateau before attention learns to pick out one image token
+(colour of a single shape stayed at chance for 200 steps). Re-drawing linear and
+convolution weights from ``N(0, 1 / fan_in)`` (embeddings and norms untouched) left the
+plateau after about 80 steps.
+
+RoPE base:Qwen2.5-VL splits each attention head's rotary frequencies into temporal, height and width
+sections, highest frequencies first; the width section gets the lowest ones. With a head
+dimension of 32 and the usual base of 10 000, neighbouring columns of a 4 x 4 image differ
+by at most 0.003 rad in the width section, so "row 2 column 3" is nearly invisible to
+attention and cell-binding questions stay at chance for hundreds of steps. A small base
+(10) spreads the sections over 0.1-1 rad per position; sequences here stay under about 130
+tokens, so text positions remain distinguishable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ..arch import get_spec
+from ..errors import SpecMismatchError
+from .zoo import Sizes, TinyVLM, tiny_vlm
+
+
+def set_text_rope_theta(model: Any, theta: float) -> None:
+    """Set the language model's RoPE base in its config and rebuild its rotary embedding.
+
+    Meant for freshly built models (the weights do not depend on the base; the saved
+    config carries it, so reloaded checkpoints agree).
+    """
+    spec = get_spec(model.config)
+    text_config = model.config.get_text_config()
+    params = dict(text_config.rope_parameters)
+    params["rope_theta"] = float(theta)
+    text_config.rope_parameters = params
+    root = spec.decoder_layers.rsplit(".", 1)[0]
+    try:
+        rotary = model.get_submodule(f"{root}.rotary_emb")
+    except AttributeError:
+        raise SpecMismatchError(
+            f"{spec.display_name}: no rotary embedding at {root}.rotary_emb, so the RoPE base cannot be set; "
+            "build this family with rope_theta=None."
+        ) from None
+    parent = model.get_submodule(root)
+    parent.rotary_emb = type(rotary)(config=text_config)
+
+
+@torch.no_grad()
+def fan_in_init(model: torch.nn.Module, seed: int, gain: float = 1.0) -> None:
+    """Re-draw every linear and convolution weight from ``N(0, gain^2 / fan_in)`` (biases zeroed)."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            fan_in = module.weight[0].numel()
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * gain / math.sqrt(fan_in))
+            if module.bias is not None:
+                module.bias.zero_()
+
+
+def testbed_model(
+    family: str, *, seed: int, sizes: Sizes, rope_theta: float | None = None, init_gain: float | None = None
+) -> TinyVLM:
+    """A random tiny model of ``family`` (:func:`~vlm_probe.testbed.zoo.tiny_vlm`).
+
+    Args:
+        rope_theta: the language model's RoPE base (None: the zoo's).
+        init_gain: re-initialise linear and convolution weights with :func:`fan_in_init`
+            (None: keep HF's initialisation).
+    """
+    tiny = tiny_vlm(family, seed=seed, **dataclasses.asdict(sizes))
+    if rope_theta is not None:
+        set_text_rope_theta(tiny.model, rope_theta)
+    if init_gain is not None:
+        fan_in_init(tiny.model, seed, init_gain)
+    return tiny
