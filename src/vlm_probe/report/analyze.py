@@ -411,7 +411,7 @@ class Analysis:
         self.save_table("freezing", table.frame)
         section.figures.append(table.plot())
         section.tables.append(("Held-out accuracy after RL with one third frozen", table.summary()))
-        self.facts["freezing"] = table.summary().to_dict("records")
+        self.facts["freezing"] = table.frame.to_dict("records")
         section.reading = "RL re-run with each third of the decoder frozen (same seed and recipe), scored on held-out items."
 
     # ------------------------------------------------------------------ claims
@@ -476,8 +476,8 @@ def _transfer_claim(frame: pd.DataFrame) -> Claim:
     late = part.loc["IN:RL:RL", "value"] - part.loc["IN", "value"]
     early = part.loc["RL:IN:IN", "value"] - part.loc["IN", "value"]
     above = part.loc["IN:RL:RL", "low"] > part.loc["IN", "value"]
-    if gain <= 0:
-        verdict = "inconclusive"
+    if gain <= 0 or part.loc["RL", "low"] <= part.loc["IN", "value"]:
+        verdict = "inconclusive"  # no clear RL gain to transfer
     elif above and late > early:
         verdict = "supported"
     elif late <= early:
@@ -485,25 +485,30 @@ def _transfer_claim(frame: pd.DataFrame) -> Claim:
     else:
         verdict = "inconclusive"
     return Claim("RL's mid-to-late blocks transfer by merging.", verdict,
-                 f"{metric}: RL - IN = {gain:+.1f} points; IN with RL's mid+late (IN:RL:RL) {late:+.1f}; IN with RL's "
+                 ("RL's interval does not clear IN, so there is no clear gain to transfer. " if verdict == "inconclusive"
+                  else "") + f"{metric}: RL - IN = {gain:+.1f} points; IN with RL's mid+late (IN:RL:RL) {late:+.1f}; IN with RL's "
                  f"early third (RL:IN:IN) {early:+.1f}; IN:RL:RL interval "
                  f"[{part.loc['IN:RL:RL', 'low']:.1f}, {part.loc['IN:RL:RL', 'high']:.1f}] vs IN {part.loc['IN', 'value']:.1f}.")
 
 
-def _freezing_claim(frame: pd.DataFrame) -> Claim:
-    if not {"frozen", "gain", "low", "high"} <= set(frame.columns):
-        return Claim("Freezing the mid-to-late blocks during RL removes the gain.", "inconclusive", "No freezing table.")
-    rows = frame.set_index("frozen")
-    needed = {"none", "early", "mid", "late"}
-    if not needed <= set(rows.index):
-        return Claim("Freezing the mid-to-late blocks during RL removes the gain.", "inconclusive",
-                     "Not every freezing variant was run.")
-    lost = [t for t in ("mid", "late") if rows.loc[t, "high"] < rows.loc["none", "gain"]]
-    kept_early = rows.loc["early", "high"] >= rows.loc["none", "gain"] or rows.loc["early", "gain"] > 0
-    verdict = "supported" if lost and kept_early else "not supported" if not lost else "inconclusive"
-    evidence = "; ".join(f"{t} frozen: gain {rows.loc[t, 'gain']:+.3f} [{rows.loc[t, 'low']:+.3f}, {rows.loc[t, 'high']:+.3f}]"
-                         for t in ("none", "early", "mid", "late"))
-    return Claim("Freezing the mid-to-late blocks during RL removes the gain.", verdict, evidence + ".")
+def _freezing_claim(frame: pd.DataFrame, family: str = "v2r") -> Claim:
+    text = "Freezing the mid-to-late blocks during RL removes the gain."
+    part = frame[frame["family"] == family].set_index("variant") if "family" in frame else pd.DataFrame()
+    needed = {"RL", "RL-frozen-early", "RL-frozen-mid", "RL-frozen-late"}
+    if not needed <= set(part.index):
+        return Claim(text, "inconclusive", "Not every freezing variant was run.")
+    rl = part.loc["RL"]
+    evidence = (f"{family} accuracy: RL - IN = {rl['vs_IN']:+.3f} [{rl['vs_IN_low']:+.3f}, {rl['vs_IN_high']:+.3f}]; "
+                + "; ".join(f"{t} frozen vs RL {part.loc['RL-frozen-' + t, 'vs_RL']:+.3f} "
+                            f"[{part.loc['RL-frozen-' + t, 'vs_RL_low']:+.3f}, {part.loc['RL-frozen-' + t, 'vs_RL_high']:+.3f}]"
+                            for t in ("early", "mid", "late")) + " (paired bootstrap, 95%).")
+    if rl["vs_IN_low"] <= 0:
+        return Claim(text, "inconclusive", "RL's own gain is not distinguishable from zero here, so there is no gain "
+                     "to remove. " + evidence)
+    lost = [t for t in ("mid", "late") if part.loc["RL-frozen-" + t, "vs_RL_high"] < 0]
+    early_kept = part.loc["RL-frozen-early", "vs_RL_high"] >= 0
+    verdict = "supported" if lost and early_kept else "not supported" if not lost else "inconclusive"
+    return Claim(text, verdict, evidence)
 
 
 def _curves(frame: pd.DataFrame, value: str, series: str, title: str, y: str, *, low: str, high: str) -> Any:
