@@ -17,7 +17,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import InputError
-from ..model.inputs import Batch
 
 
 class Metric(Protocol):
@@ -54,20 +53,6 @@ def token_ids(tokenizer: Any, tokens: TokenSpec, n: int) -> Int[Tensor, " n"]:
     if ids.numel() != n:
         raise InputError(f"Got {ids.numel()} tokens for {n} rows.")
     return ids
-
-
-def logits_at(logits: Float[Tensor, "rows seq vocab"], batch: Batch, position: str | int) -> Float[Tensor, "rows vocab"]:
-    """Logits at one position per row (a single-position group, or an int)."""
-    if isinstance(position, int):
-        return logits[:, position]
-    idx = []
-    for row in batch.layout:
-        pos = row.spans[position]
-        if len(pos) != 1:
-            raise InputError(f"A metric position must name one token per row; {position!r} has {len(pos)}.")
-        idx.append(pos[0])
-    index = torch.tensor(idx, device=logits.device)
-    return logits[torch.arange(logits.shape[0], device=logits.device), index]
 
 
 @dataclass
