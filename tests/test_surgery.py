@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save
 
 import vlm_probe
 from vlm_probe.arch import get_spec
@@ -121,7 +122,10 @@ def test_written_merge_reloads_with_the_splices_logits(trio, tmp_path) -> None:
     paths, tiny = trio
     plan = thirds_plan("IN:RL:IN", cuts=(2, 4))
     out = write_merge(plan, paths, tmp_path / "merged", max_shard_size="20KB", progress=False)
-    assert len(list(out.glob("model-*.safetensors"))) > 1, "small shards: several files and an index"
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1, "small shards: several files and an index"
+    for shard in shards:  # streamed shards are the bytes safetensors itself writes for their tensors
+        assert shard.read_bytes() == save(load_file(shard), metadata={"format": "pt"}), shard.name
     merged = vlm_probe.load(out)
     host = vlm_probe.load(paths["IN"])
     batch = host.prepare("how many red circles ?", images=[tiny.image(1)])
@@ -156,11 +160,11 @@ def test_killed_writer_leaves_no_directory(trio, tmp_path) -> None:
         "import sys, time\n"
         "from vlm_probe.weights import merge\n"
         "from vlm_probe.weights.plans import thirds_plan\n"
-        "real = merge.atomic_write_bytes\n"
-        "def slow(path, data):\n"
+        "real = merge.combine\n"
+        "def slow(*args):\n"
         "    time.sleep(0.05)\n"
-        "    return real(path, data)\n"
-        "merge.atomic_write_bytes = slow  # slow the writer down so the kill lands mid-write\n"
+        "    return real(*args)\n"
+        "merge.combine = slow  # slow the writer down so the kill lands mid-write\n"
         f"merge.write_merge(thirds_plan('IN:RL:RL'), {{'IN': {str(paths['IN'])!r}, 'RL': {str(paths['RL'])!r}}},\n"
         f"                  {str(out)!r}, max_shard_size=1, progress=False)\n"
     )

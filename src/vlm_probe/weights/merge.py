@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointMismatchError, MergePlanError
-from ..io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_directory, atomic_file, atomic_write_json, atomic_write_text
 from .plans import MergePlan, Rule
 from .reader import Checkpoint, open_checkpoint
 from .regions import Cuts
+from .safetensors_stream import StreamWriter
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -219,7 +219,9 @@ def write_merge(
     provenance file. It is built under a temporary name and renamed into place; an existing
     ``out`` is refused unless ``overwrite=True``; ``out`` may never be (or lie inside) an input
     checkpoint. The plan is validated before anything is written, and the written index is
-    checked to hold every host tensor.
+    checked to hold every host tensor. Shards are streamed: their layout is planned from the
+    host's headers, and each tensor is written as it is computed, so memory holds one tensor
+    (and the inputs it is combined from), not a shard.
     """
     opened = open_all(checkpoints)
     decided = list(iter_plan(plan, opened))  # validates before any write
@@ -231,43 +233,40 @@ def write_merge(
             raise MergePlanError(f"Refusing to write the merge into the input checkpoint {name} ({source}); "
                                  "choose an output directory outside every input.")
     limit = _parse_size(max_shard_size)
+    shards: list[list[tuple[str, Rule | None]]] = [[]]
+    size = 0
+    for name, rule in decided:  # the layout of every shard is known before any tensor is read
+        nbytes = host.tensors[name].nbytes
+        if size and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, rule))
+        size += nbytes
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        sizes = [0]
-        weight_map: dict[str, int] = {}
+        weight_map: dict[str, str] = {}
         changed: dict[str, str] = {}
-        files: list[str] = []
-
-        def flush() -> None:
-            index = len(files)
-            files.append(f"shard-{index:05d}.safetensors")
-            atomic_write_bytes(tmp / files[-1], save(shards[-1], metadata={"format": "pt"}))
-            shards[-1] = {}
-            sizes[-1] = 0
-
         bar = tqdm(total=len(decided), desc=f"writing {plan.name or 'merge'}", disable=not progress, unit="tensor")
-        for name, rule in decided:
-            entry = host.tensors[name]
-            value = combine(rule, name, opened, plan.host)
-            if value is None:
-                value = host.tensor(name)
-            else:
-                changed[name] = rule.method  # type: ignore[union-attr]
-            if sizes[-1] and sizes[-1] + entry.nbytes > limit:
-                flush()
-            shards[-1][entry.stored_name] = value.contiguous()
-            weight_map[entry.stored_name] = len(files)
-            sizes[-1] += entry.nbytes
-            bar.update(1)
-        if shards[-1]:
-            flush()
+        for file, shard in zip(names, shards):
+            by_stored = {host.tensors[name].stored_name: (name, rule) for name, rule in shard}
+            layout = {stored: (host.tensors[name].dtype, host.tensors[name].shape)
+                      for stored, (name, _) in by_stored.items()}
+            with atomic_file(tmp / file) as f:  # one tensor in memory at a time
+                writer = StreamWriter(f, layout, metadata={"format": "pt"})
+                for stored in writer.order:
+                    name, rule = by_stored[stored]
+                    value = combine(rule, name, opened, plan.host)
+                    if value is None:
+                        value = host.tensor(name)
+                    else:
+                        changed[name] = rule.method  # type: ignore[union-attr]
+                    writer.write(stored, value)
+                    weight_map[stored] = file
+                    bar.update(1)
+                writer.finish()
         bar.close()
-        total = len(files)
-        names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-        for old, new in zip(files, names):
-            os.replace(tmp / old, tmp / new)
         index = {"metadata": {"total_size": host.nbytes, "format": "pt"},
-                 "weight_map": {stored: names[i] for stored, i in sorted(weight_map.items())}}
+                 "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_json(tmp / "model.safetensors.index.json", index)
         for file in _non_weight_files(host.path):
             shutil.copy2(file, tmp / file.name)
