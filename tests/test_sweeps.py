@@ -87,6 +87,35 @@ def test_batched_sweep_equals_one_cell_at_a_time_and_a_hooked_loop(setup) -> Non
     assert (M.kl(clean_logits, corrupt_logits) > 1e-4).all()
 
 
+@pytest.mark.parametrize("family", ["llava", "idefics3", "qwen3_vl", "gemma3", "paligemma"])
+def test_suffix_reruns_over_the_cache_equal_full_runs(zoo, family: str) -> None:
+    """Chunks whose edits start after the image rerun only the suffix over the unpatched KV
+    cache (causal families whose cache holds every position); the numbers equal full runs."""
+    from vlm_probe.analyses.batched import capture, metric_index, suffix_start
+
+    tiny = zoo(family)
+    vlm = vlm_probe.load(tiny)
+    prompts = ["how many red circles ?", "is the big blue square left of the small circle ?"]
+    clean = vlm.prepare(prompts, [[tiny.image(0)], [tiny.image(1)]])
+    corrupt = vlm.prepare(prompts, [[tiny.image(2)], [tiny.image(3)]])
+    clean, corrupt = vlm_probe.align(clean, corrupt)
+    assert not bool(corrupt.inputs["attention_mask"].all()), "the rows are left-padded"
+    kwargs = dict(site=["layer_out", "q"], positions=["vision", "question", "last"], metric=M.kl_to_clean(),
+                  progress=False)
+    fast = sweep(vlm, clean, corrupt, max_rows=4, reuse_vision=True, **kwargs).frame
+    slow = sweep(vlm, clean, corrupt, max_rows=4, reuse_vision=False, **kwargs).frame
+    pd.testing.assert_frame_equal(fast, slow, atol=1e-6, rtol=0)
+    assert fast["value"].max() > 1e-4
+    window = getattr(vlm.text_config, "sliding_window", None) or corrupt.width
+    exact = vlm.spec.causal_text and corrupt.width <= window
+    cache = capture(vlm, corrupt, cache=True).cache
+    assert (cache is not None) == exact
+    positions = metric_index(corrupt, "last")[1]
+    last = suffix_start(vlm, corrupt, [corrupt.layout.mask("last")], positions)
+    vision = suffix_start(vlm, corrupt, [corrupt.layout.mask("vision")], positions)
+    assert (last, vision) == ((corrupt.width - 1, 0) if vlm.spec.causal_text else (0, 0))
+
+
 def test_each_position_cells(setup) -> None:
     vlm, _, batch = setup
     result = sweep(vlm, batch[:1], batch[1:2], layers=[1], positions="each:vision", metric=M.kl_to_clean(),

@@ -107,6 +107,26 @@ def test_native_module_tree_reachable(qwen) -> None:
     assert qwen.layers[2].envoy is qwen.model.language_model.layers[2]
 
 
+def test_forward_inputs_go_to_the_model_untouched(qwen) -> None:
+    from vlm_probe.errors import InputError
+    from vlm_probe.model.inputs import ForwardInputs
+
+    batch = qwen.prepare(["how many ?", "how many red circles ?"],
+                         images=[[tiny_vlm("qwen2_5_vl").image(i)] for i in range(2)])
+    with torch.no_grad():
+        expected = qwen.hf(**batch.inputs).logits
+    with torch.no_grad(), qwen.trace(ForwardInputs(dict(batch.inputs), rows=2)):
+        row = qwen.layers[0].output.save()
+        logits = qwen.lm_head.output.save()
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+    assert row.shape[0] == 2
+    with pytest.raises(InputError, match="one invoke"):
+        with qwen.trace() as tracer:
+            for _ in range(2):
+                with tracer.invoke(ForwardInputs(dict(batch.inputs), rows=2)):
+                    pass
+
+
 def test_standard_sites_and_dimensions(family: str, zoo) -> None:
     tiny = zoo(family)
     vlm = vlm_probe.load(tiny)

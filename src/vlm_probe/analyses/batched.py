@@ -2,12 +2,16 @@
 
 A sweep repeats a batch ``k`` times (variants contiguous: ``[s0 .. sB-1] x k``), runs the
 vision tower once per distinct image (its output is captured once and replayed through
-nnsight's ``skip``), and lets each variant edit only its own rows.
+nnsight's ``skip``), and lets each variant edit only its own rows. When every edit of a
+chunk lies at or after column ``start`` and no image token follows it, the chunk reruns
+only columns ``start:`` on top of the unpatched run's KV cache (:class:`PrefixCache`):
+in a causal model nothing before the first edited position can change.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +23,8 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..interventions import sites as site_ops
-from ..model.inputs import Batch
+from ..model.inputs import Batch, ForwardInputs
+from ..model.sites import resolve
 
 #: execution order of sites inside one decoder layer
 SITE_ORDER = {"layer_in": 0, "q": 1, "k": 2, "v": 3, "o_in": 4, "attn_out": 5, "mlp_out": 6, "layer_out": 7}
@@ -63,12 +68,57 @@ class VisionOutput:
 
 
 @dataclass
+class PrefixCache:
+    """The unpatched run's keys and values, from which a chunk can rerun only a suffix."""
+
+    layers: list[tuple[Tensor, Tensor]]  #: per decoder layer ([batch, kv_heads, seq, head_dim]) x 2
+    position_ids: Tensor | None  #: what the language model received (``[..., batch, seq]``), or None
+
+    def continuation(self, vlm: Any, batch: Batch, start: int, k: int) -> ForwardInputs:
+        """Inputs that run columns ``start:`` of ``batch`` repeated ``k`` times over this cache."""
+        from transformers import DynamicCache
+
+        mask = batch.inputs["attention_mask"]
+        positions = self.position_ids
+        if positions is None:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache([(key[..., :start, :].repeat(k, 1, 1, 1), value[..., :start, :].repeat(k, 1, 1, 1))
+                              for key, value in self.layers], config=vlm.hf.config)
+        kwargs = {"input_ids": batch.inputs["input_ids"][:, start:].repeat(k, 1),
+                  "attention_mask": mask.repeat(k, 1),
+                  "position_ids": torch.cat([positions[..., start:]] * k, dim=-2),
+                  cache_argument(vlm): cache, "use_cache": True}
+        return ForwardInputs(kwargs, rows=k * len(batch))
+
+
+def cache_argument(vlm: Any) -> str:
+    """The forward's name for the KV cache (``cache`` since transformers 5.2x, else ``past_key_values``)."""
+    return "cache" if "cache" in inspect.signature(vlm.hf.forward).parameters else "past_key_values"
+
+
+def suffix_start(vlm: Any, batch: Batch, masks: Iterable[Tensor], metric_positions: Tensor) -> int:
+    """First column a chunk must rerun: its first edited position, or 0 when an image token
+    (or a non-causal family) would make a suffix run inexact."""
+    if not vlm.spec.causal_text:
+        return 0
+    start = int(metric_positions.min())
+    for mask in masks:
+        columns = mask.any(0).nonzero()
+        if len(columns):
+            start = min(start, int(columns[0]))
+    if start == 0 or bool(batch.layout.mask("vision")[:, start:].any()):
+        return 0
+    return start
+
+
+@dataclass
 class Capture:
     """What one plain forward of a batch yields for a sweep."""
 
     activations: dict[tuple[str, int], Tensor]  #: (site, layer) -> [batch, seq, dim]
     logits: Tensor | None  #: [batch, vocab] at the metric position (or [batch, seq, vocab])
     vision: VisionOutput | None
+    cache: PrefixCache | None = None
 
 
 def capture(
@@ -77,6 +127,7 @@ def capture(
     sites: Iterable[tuple[str, int]] = (),
     logits_index: tuple[Tensor, Tensor] | None = None,
     vision: bool = False,
+    cache: bool = False,
 ) -> Capture:
     """One forward of ``batch`` saving site activations, the logits and the vision output.
 
@@ -84,22 +135,37 @@ def capture(
         sites: ``(site, layer)`` pairs to save (full ``[batch, seq, dim]`` tensors).
         logits_index: ``(rows, positions)`` to index the logits with (all logits when None).
         vision: also capture the vision tower's output for replay.
+        cache: also keep the KV cache (None when the family is not causal or a layer's
+            cache does not hold every position, e.g. a sliding window shorter than the batch).
     """
     ordered = sorted(set(sites), key=lambda s: (s[1], SITE_ORDER[s[0]]))
     has_images = bool(batch.layout.mask("vision").any())
-    snap = None  # values leave a trace only when saved: define the fallback outside
-    options: dict[str, Any] = {"use_cache": False}
+    cache = cache and vlm.spec.causal_text
+    snap = past = positions = None  # values leave a trace only when saved: define the fallbacks outside
+    options: dict[str, Any] = {"use_cache": cache}
     if logits_index is not None:
         keep, column = keep_logits(logits_index[1])
         options["logits_to_keep"] = keep
         logits_index = (logits_index[0], column)
+    language_model = resolve(vlm, vlm.spec.decoder_layers.rsplit(".", 1)[0], vlm.spec, "language model")
     with torch.no_grad(), vlm.trace(batch, **options):
         if vision and has_images:
             snap = nnsight.save(_snapshot(vlm.vision.root.output))
+        if cache:
+            positions = nnsight.save(language_model.inputs[1].get("position_ids"))
         acts = nnsight.save([site_ops.read(vlm, site, layer) for site, layer in ordered])
         out = vlm.lm_head.output
         logits = (out[logits_index[0], logits_index[1]] if logits_index is not None else out).save()
-    return Capture(dict(zip(ordered, acts)), logits, VisionOutput(snap) if snap is not None else None)
+        if cache:
+            output = vlm.output
+            past = nnsight.save(output["cache"] if "cache" in output else output["past_key_values"])
+    prefix = None
+    if past is not None:
+        layers = [(layer.keys, layer.values) for layer in past.layers]
+        # mRoPE positions come only from the model; without them a suffix run would be inexact
+        if all(key.shape[-2] == batch.width for key, _ in layers) and (positions is not None or not vlm.spec.mrope):
+            prefix = PrefixCache(layers, positions)
+    return Capture(dict(zip(ordered, acts)), logits, VisionOutput(snap) if snap is not None else None, prefix)
 
 
 def keep_logits(positions: Tensor) -> tuple[Tensor, Tensor]:

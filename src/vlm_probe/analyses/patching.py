@@ -27,7 +27,7 @@ from ..interventions.positions import PositionSpec, positions_label, resolve_pos
 from ..model.inputs import Batch
 from ..results import Result
 from . import metrics as M
-from .batched import SITE_ORDER, Capture, capture, chunks, keep_logits, metric_index, repeat_rows
+from .batched import SITE_ORDER, Capture, capture, chunks, keep_logits, metric_index, repeat_rows, suffix_start
 from .parallel import gather_frame, shard_indices
 
 
@@ -120,33 +120,42 @@ def _run_cells(
     per_chunk = max(1, max_rows // n)
     rows_out: list[dict[str, Any]] = []
     bar = tqdm(total=len(cells), desc=desc, disable=not progress, unit="cell")
-    # cells sorted by depth: a chunk skips every layer below its shallowest cell, replaying
-    # the unpatched run's outputs there (nothing above that layer differs from it)
-    order_of_cells = sorted(range(len(cells)), key=lambda c: (cells[c].layer, SITE_ORDER[cells[c].site]))
+    _, base_positions = metric_index(base, metric.position)
     prefix = reuse.activations if reuse is not None else {}
+    cache = reuse.cache if reuse is not None else None
+
+    def start_of(group: Sequence[Cell]) -> int:
+        return suffix_start(vlm, base, [c.mask for c in group], base_positions) if cache is not None else 0
+
+    # cells sorted by first edited column, then depth: a chunk reruns only the columns from its
+    # first edited one (over the unpatched run's KV cache) and skips every layer below its
+    # shallowest cell, replaying the unpatched run's outputs there (nothing else differs from it)
+    order_of_cells = sorted(range(len(cells)),
+                            key=lambda c: (start_of([cells[c]]), cells[c].layer, SITE_ORDER[cells[c].site]))
     for chunk_ids in chunks(order_of_cells, per_chunk):
         chunk = [cells[c] for c in chunk_ids]
         k = len(chunk)
-        batch = repeat_rows(base, k)
+        start = start_of(chunk)
         rows, positions = metric_index(base, metric.position, k)
-        keep, column = keep_logits(positions)
+        keep, column = keep_logits(positions - start)
         groups: dict[tuple[str, int], list[int]] = {}
         for i, cell in enumerate(chunk):
             groups.setdefault((cell.site, cell.layer), []).append(i)
         order = sorted(groups, key=lambda s: (s[1], SITE_ORDER[s[0]]))
         shallowest = min(cell.layer for cell in chunk)
-        with torch.no_grad(), vlm.trace(batch, use_cache=False, logits_to_keep=keep):
-            if reuse is not None and reuse.vision is not None:
+        inputs = cache.continuation(vlm, base, start, k) if start else repeat_rows(base, k)
+        with torch.no_grad(), vlm.trace(inputs, use_cache=bool(start), logits_to_keep=keep):
+            if not start and reuse is not None and reuse.vision is not None:
                 vlm.vision.root.skip(reuse.vision.tiled(k))
             for layer in range(shallowest):
                 if ("layer_out", layer) in prefix:
-                    vlm.layers[layer].skip(prefix[("layer_out", layer)].repeat(k, 1, 1))
+                    vlm.layers[layer].skip(prefix[("layer_out", layer)][:, start:].repeat(k, 1, 1))
             for site, layer in order:
                 act = site_ops.read(vlm, site, layer)
                 new = act.clone()
-                src = source.activations[(site, layer)].to(act.device, act.dtype)
+                src = source.activations[(site, layer)][:, start:].to(act.device, act.dtype)
                 for i in groups[(site, layer)]:
-                    mask = chunk[i].mask.to(act.device)
+                    mask = chunk[i].mask[:, start:].to(act.device)
                     block = new[i * n : (i + 1) * n]
                     block[mask] = src[mask]
                 site_ops.write(vlm, site, layer, new)
@@ -224,7 +233,7 @@ def _patching_frame(
         source = capture(donor, source_part, [(c.site, c.layer) for c in cells],
                          metric_index(source_part, metric.position))
         base = capture(receiver, base_part, _prefix_sites(cells) if reuse_vision else (),
-                       metric_index(base_part, metric.position), vision=reuse_vision)
+                       metric_index(base_part, metric.position), vision=reuse_vision, cache=reuse_vision)
         rows = _run_cells(receiver, base_part, source, base.logits, cells, metric, base if reuse_vision else None,
                           max_rows, progress, desc)
         for row in rows:
@@ -255,8 +264,10 @@ def sweep(
         positions: a position spec, a list of specs (one cell each), or ``"each:<group>"``.
         metric: a metric from :mod:`vlm_probe.analyses.metrics` (default: ``restored()``).
         max_rows: rows per batched forward (cells x samples), the memory budget.
-        reuse_vision: run the vision tower once and replay its output for repeated rows, and
-            replay the unpatched run's layer outputs below each chunk's shallowest cell.
+        reuse_vision: reuse the unpatched run: run the vision tower once and replay its output
+            for repeated rows, replay its layer outputs below each chunk's shallowest cell, and
+            (causal families) rerun only the columns from a chunk's first edited position on,
+            over its KV cache. ``False`` runs every chunk in full (the same numbers, slower).
 
     Returns:
         A :class:`PatchingResult`. Under ``accelerate launch`` the samples are split across

@@ -87,6 +87,10 @@ class FamilySpec:
     cross_attention_layers_attr: str | None = None
     #: whether image tokens carry the image in the residual stream (False for Mllama)
     image_in_residual: bool = True
+    #: whether a text token after the images influences no earlier position (False for
+    #: PaliGemma's bidirectional prefix and Mllama's cross-attention): sweeps then rerun only
+    #: the positions from the first patched one on, over the unpatched run's KV cache
+    causal_text: bool = True
     #: how vision tokens map to cells of the image: see ``model.layout``
     grid: GridKind = "square"
     #: image placeholder to write in raw prompts (default: the processor's ``image_token``)

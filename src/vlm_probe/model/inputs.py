@@ -41,6 +41,19 @@ Template = Literal["auto", "chat", "raw"]
 
 
 @dataclass(frozen=True)
+class ForwardInputs:
+    """Model-ready keyword arguments handed to the forward untouched (one invoke per trace).
+
+    For inputs nnsight cannot split into rows by itself, such as a continuation of a cached
+    prefix (``past_key_values`` with 3-D multimodal ``position_ids``):
+    ``vlm.trace(ForwardInputs(kwargs, rows=B))``.
+    """
+
+    kwargs: dict[str, Any]
+    rows: int  #: batch rows of the forward
+
+
+@dataclass(frozen=True)
 class Row:
     """One sample: unpadded model inputs (batch dim 1), its layout and where it came from."""
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..arch import FamilySpec, get_spec
 from ..errors import InputError, NoOpInterventionError, SpecMismatchError
-from .inputs import Batch, Collator, Template, encode_row, render_prompt
+from .inputs import Batch, Collator, ForwardInputs, Template, encode_row, render_prompt
 from .sites import DecoderLayer, SiteList, VisionSites, cross_attention_layers, resolve
 
 PromptLike = str | list[dict[str, Any]]
@@ -230,6 +230,8 @@ class VLM(TransformersModel):
         data = inputs[0] if inputs else None
         if isinstance(data, Batch):
             return len(data)
+        if isinstance(data, ForwardInputs):
+            return data.rows
         if "images" in kwargs and isinstance(data, (list, tuple)) and data and not isinstance(data[0], dict):
             return len(data)
         if "images" in kwargs and data is not None:
@@ -239,6 +241,11 @@ class VLM(TransformersModel):
     def _batch(self, invokes: list, fn: Any) -> tuple:
         batches: list[Batch] = []
         forward: dict[str, Any] = {}
+        if any(inputs and isinstance(inputs[0], ForwardInputs) for inputs, _ in invokes):
+            if len(invokes) > 1:
+                raise InputError("ForwardInputs go to the model untouched, so they need a trace with one invoke.")
+            (data, *_), kwargs = invokes[0]
+            return (), {**data.kwargs, **kwargs}
         for inputs, kwargs in invokes:
             kwargs = dict(kwargs)
             batch = self._as_batch(inputs, kwargs)

@@ -22,5 +22,6 @@ SPEC = FamilySpec(
     grid="single",
     per_sample_fields=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"),
     first_tile_valid=("aspect_ratio_mask",),
+    causal_text=False,
     legacy_keys=LLAVA_STYLE_KEYS,
 )

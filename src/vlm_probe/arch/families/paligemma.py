@@ -13,5 +13,6 @@ SPEC = FamilySpec(
     projector=("model.multi_modal_projector",),
     vision_root="model.vision_tower",
     grid="square",
+    causal_text=False,
     legacy_keys=LLAVA_STYLE_KEYS,
 )
