@@ -116,6 +116,35 @@ def test_suffix_reruns_over_the_cache_equal_full_runs(zoo, family: str) -> None:
     assert (last, vision) == ((corrupt.width - 1, 0) if vlm.spec.causal_text else (0, 0))
 
 
+def test_chunk_plan_is_the_cheapest_partition() -> None:
+    """The dynamic programme equals brute force over every cut of the sorted cells."""
+    import itertools
+
+    from vlm_probe.analyses.batched import plan_chunks
+
+    def cost(parts, starts, layers, rows, width, n_layers):
+        return sum(len(p) * rows * (width - min(starts[i] for i in p)) * (n_layers - min(layers[i] for i in p))
+                   + rows * width for p in parts)
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        m = int(torch.randint(1, 9, (1,), generator=generator))
+        starts = sorted(torch.randint(0, 3, (m,), generator=generator).mul(5).tolist())
+        layers = [int(x) for x in torch.randint(0, 6, (m,), generator=generator)]
+        layers = [layer for _, layer in sorted(zip(starts, layers))]
+        max_cells = int(torch.randint(1, 5, (1,), generator=generator))
+        plan = plan_chunks(starts, layers, 2, 20, 6, max_cells)
+        assert [i for p in plan for i in p] == list(range(m)) and all(len(p) <= max_cells for p in plan)
+        partitions = []
+        for cuts in itertools.product([0, 1], repeat=m - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [m]
+            parts = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+            if all(len(p) <= max_cells for p in parts):
+                partitions.append(parts)
+        best = min(cost(p, starts, layers, 2, 20, 6) for p in partitions)
+        assert cost(plan, starts, layers, 2, 20, 6) == best
+
+
 def test_each_position_cells(setup) -> None:
     vlm, _, batch = setup
     result = sweep(vlm, batch[:1], batch[1:2], layers=[1], positions="each:vision", metric=M.kl_to_clean(),

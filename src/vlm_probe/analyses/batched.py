@@ -56,6 +56,37 @@ def _snapshot(value: Any) -> Any:
     return value
 
 
+def plan_chunks(starts: Sequence[int], layers: Sequence[int], rows: int, width: int, n_layers: int,
+                max_cells: int) -> list[range]:
+    """Cut cells (sorted by first rerun column, then layer) into consecutive chunks that
+    minimise the recomputed work.
+
+    A chunk of ``c`` cells reruns ``c * rows`` rows over columns ``start:`` of the layers from
+    its shallowest cell up; each forward also costs a fixed overhead, counted as one layer of
+    the unrepeated rows (``rows * width``). Exact by dynamic programming, at most
+    ``max_cells`` cells per chunk.
+
+    Returns:
+        ``range`` s of cell indices, in order.
+    """
+    m = len(starts)
+    best = [0.0] + [float("inf")] * m
+    cut = [0] * (m + 1)
+    for j in range(1, m + 1):
+        shallowest = n_layers
+        for i in range(j - 1, max(-1, j - 1 - max_cells), -1):
+            shallowest = min(shallowest, layers[i])
+            cost = best[i] + (j - i) * rows * (width - min(starts[i:j])) * (n_layers - shallowest) + rows * width
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out: list[range] = []
+    j = m
+    while j:
+        out.append(range(cut[j], j))
+        j = cut[j]
+    return out[::-1]
+
+
 @dataclass
 class VisionOutput:
     """The vision tower's output for one batch, replayable for the batch repeated ``k`` times."""

@@ -27,7 +27,8 @@ from ..interventions.positions import PositionSpec, positions_label, resolve_pos
 from ..model.inputs import Batch
 from ..results import Result
 from . import metrics as M
-from .batched import SITE_ORDER, Capture, capture, chunks, keep_logits, metric_index, repeat_rows, suffix_start
+from .batched import (SITE_ORDER, Capture, capture, keep_logits, metric_index, plan_chunks, repeat_rows,
+                      suffix_start)
 from .parallel import gather_frame, shard_indices
 
 
@@ -130,9 +131,12 @@ def _run_cells(
     # cells sorted by first edited column, then depth: a chunk reruns only the columns from its
     # first edited one (over the unpatched run's KV cache) and skips every layer below its
     # shallowest cell, replaying the unpatched run's outputs there (nothing else differs from it)
-    order_of_cells = sorted(range(len(cells)),
-                            key=lambda c: (start_of([cells[c]]), cells[c].layer, SITE_ORDER[cells[c].site]))
-    for chunk_ids in chunks(order_of_cells, per_chunk):
+    starts = [start_of([cell]) for cell in cells]
+    order_of_cells = sorted(range(len(cells)), key=lambda c: (starts[c], cells[c].layer, SITE_ORDER[cells[c].site]))
+    depths = [cells[c].layer if reuse is not None else 0 for c in order_of_cells]  # no reuse: full runs
+    plan = plan_chunks([starts[c] for c in order_of_cells], depths, n, base.width, vlm.n_layers, per_chunk)
+    for span in plan:
+        chunk_ids = [order_of_cells[c] for c in span]
         chunk = [cells[c] for c in chunk_ids]
         k = len(chunk)
         start = start_of(chunk)
