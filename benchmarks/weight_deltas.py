@@ -80,6 +80,7 @@ def shapes() -> dict[str, tuple[int, ...]]:
             p + "attn.qkv.weight": (3 * h, h), p + "attn.qkv.bias": (3 * h,),
             p + "attn.proj.weight": (h, h), p + "attn.proj.bias": (h,),
             p + "mlp.gate_proj.weight": (fi, h), p + "mlp.up_proj.weight": (fi, h), p + "mlp.down_proj.weight": (h, fi),
+            p + "mlp.gate_proj.bias": (fi,), p + "mlp.up_proj.bias": (fi,), p + "mlp.down_proj.bias": (h,),
         })
     m = h * VISION["merge"]
     out.update({"visual.merger.ln_q.weight": (h,), "visual.merger.mlp.0.weight": (m, m), "visual.merger.mlp.0.bias": (m,),
@@ -102,12 +103,16 @@ def _tensor(name: str, shape: tuple[int, ...], which: int):
     return w.to(torch.bfloat16)
 
 
-def generate(root: Path, shard_bytes: int = 512 * 2**20) -> dict[str, Path]:
+def generate(
+    root: Path, shard_bytes: int = 512 * 2**20, names: tuple[str, ...] = ("Base", "IN", "RL")
+) -> dict[str, Path]:
+    """Write the checkpoints ``names`` (of Base, IN, RL) under ``root``; their paths."""
     from safetensors.torch import save_file
 
     table = shapes()
     paths = {}
-    for which, name in enumerate(("Base", "IN", "RL")):
+    for name in names:
+        which = ("Base", "IN", "RL").index(name)
         path = root / name
         path.mkdir(parents=True)
         (path / "config.json").write_text(json.dumps(config()))
