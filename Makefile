@@ -33,6 +33,7 @@ docs: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/tracing_overhead.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory_soak.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/merge.py
 
 clean:
 	rm -rf $(VENV) site $(OUT)
