@@ -30,10 +30,11 @@ test: $(STAMP)
 docs: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mkdocs build --strict
 
+# every benchmark, about 40 min on 2 cores; weight_deltas and merge need about 9 GB in /tmp
+BENCHMARKS := tracing_overhead memory_soak patching_sweep attention_mass weight_deltas merge testbed_build analyze_job
+
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/tracing_overhead.py
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory_soak.py
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/merge.py
+	for b in $(BENCHMARKS); do echo "== $$b"; HF_HUB_OFFLINE=1 $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) site $(OUT)
