@@ -1,7 +1,7 @@
 """The tracing layer: loading, the nnsight wrapper, standard sites, token layouts, checkpoint sets."""
 
 from .checkpoint_set import CheckpointSet, load_set
-from .inputs import Batch, align
+from .inputs import Batch, ForwardInputs, align
 from .layout import BatchLayout, TileGrid, TokenLayout, VisionCell
 from .loading import load
 from .processors import load_processor, save_processor
@@ -13,6 +13,7 @@ __all__ = [
     "BatchLayout",
     "CheckpointSet",
     "DecoderLayer",
+    "ForwardInputs",
     "TileGrid",
     "TokenLayout",
     "VLM",
