@@ -178,6 +178,15 @@ def test_cross_patching_attributes_a_planted_difference_to_its_layers() -> None:
     outside = [layer for layer in increments.index if not a <= layer < b]
     assert increments.loc[outside].abs().max() < 1e-6
     assert abs(increments.loc[list(range(a, b))].sum() - 1) < 1e-6
+    # text positions rerun over IN's KV cache: the same numbers as full runs, and RL's last
+    # layer at the last token gives RL's output there (everything restored)
+    kwargs = dict(positions=["question", "last"], names=("IN", "RL"), progress=False)
+    fast = cross_patch(model_in, model_rl, batch, **kwargs).frame
+    # (the restored share divides by the IN-vs-RL difference, which scales float noise up)
+    pd.testing.assert_frame_equal(fast, cross_patch(model_in, model_rl, batch, reuse_vision=False, **kwargs).frame,
+                                  atol=1e-4, rtol=0)
+    final = fast[(fast.layer == model_in.n_layers - 1) & (fast.positions == "last")]
+    assert (final["value"] - 1).abs().max() < 1e-5
     # the checkpoint-set front end runs both directions
     models = vlm_probe.load_set(IN=model_in, RL=model_rl)
     both = vlm_probe.analyses.cross_checkpoint_sweep(models, batch, positions="all", progress=False)
