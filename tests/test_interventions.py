@@ -230,13 +230,14 @@ def test_knockout_of_empty_edge_set_changes_nothing(family: str) -> None:
     torch.testing.assert_close(logits[valid], plain[valid], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["from", "only"])
 @pytest.mark.parametrize("family", GOLDEN_FAMILIES)
-def test_vision_kv_swap_matches_hooked_prefill_swap(family: str) -> None:
+def test_vision_kv_swap_matches_hooked_prefill_swap(family: str, mode: str) -> None:
     vlm, tiny, batch = _setup(family)
     targets = vlm.prepare(["how many red circles ?"] * 2, [[tiny.image(1)], [tiny.image(2)]])
     sources = vlm.prepare(["how many red circles ?"] * 2, [[tiny.image(3)], [tiny.image(4)]])
     start = 1
-    layers = range(start, vlm.n_layers)
+    layers = range(start, vlm.n_layers) if mode == "from" else range(start, start + 1)
     kv = vision_kv(vlm, sources, layers)
     # reference: hooks on k/v projections that fire on the first (prefill) call only
     mask = targets.layout.mask("vision")
@@ -258,7 +259,8 @@ def test_vision_kv_swap_matches_hooked_prefill_swap(family: str) -> None:
     inputs = {k: v for k, v in targets.inputs.items() if k != "position_ids"}
     with hooks(*handles), torch.no_grad():
         expected = decode_new(vlm, vlm.hf.generate(**inputs, generation_config=config), targets.width)
-    result = vision_swap_sweep(vlm, targets, sources, layers=[start], progress=False, generation_config=config)
+    result = vision_swap_sweep(vlm, targets, sources, layers=[start], mode=mode, progress=False,
+                               generation_config=config)
     assert list(result.frame["answer"]) == expected
     assert all(count > 1 for count in calls.values()), "decode steps ran without re-applying the swap"
 
@@ -269,6 +271,8 @@ def test_swap_refuses_mismatched_vision_spans(qwen, zoo) -> None:
     sources = qwen.prepare("how many ?", images=[tiny.image(2, size=(48, 48))])
     with pytest.raises(InputError, match="same number of tokens"):
         vision_swap_sweep(qwen, targets, sources, layers=[0], progress=False)
+    with pytest.raises(InputError, match="source_grader"):
+        vision_swap_sweep(qwen, targets, targets, layers=[0], grader=[lambda answer: True], progress=False)
 
 
 def test_mllama_refuses_image_position_interventions(zoo) -> None:

@@ -124,6 +124,7 @@ def vision_swap_sweep(
     mode: str = "from",
     max_new_tokens: int = 8,
     grader: Grader = exact_match,
+    source_grader: Grader | None = None,
     max_rows: int = 64,
     reuse_vision: bool = True,
     progress: bool = True,
@@ -139,10 +140,20 @@ def vision_swap_sweep(
         source_answers: gold answers for the source images.
         layers: start layers (0-based decoder indices; default all).
         mode: ``"from"`` (layers L..N-1, the published probe) or ``"only"`` (layer L).
-        grader: ``grader(prediction, gold) -> bool``, or one ``grader(prediction)`` per sample.
+        grader: ``grader(prediction, gold) -> bool``, or one ``grader(prediction)`` per sample
+            (judging against the target image's answer).
+        source_grader: how to judge an answer against the source image's answer (the
+            flip-to-source rate); default: ``grader`` when it is one shared callable. Needed
+            when ``grader`` is per sample.
     """
     if mode not in ("from", "only"):
         raise InputError(f"mode must be 'from' or 'only'; got {mode!r}.")
+    if source_grader is None:
+        if not callable(grader):
+            raise InputError("grader is one callable per sample (judging the target's answer), so the "
+                             "flip-to-source rate needs source_grader: one callable per sample for the "
+                             "source image's answer.")
+        source_grader = grader
     check_swap_pair(targets, sources)
     layers = list(range(vlm.n_layers)) if layers is None else sorted(layers)
     for layer in layers:
@@ -196,8 +207,7 @@ def vision_swap_sweep(
                         "target_answer": t_gold,
                         "source_answer": s_gold,
                         "changed": answer != baseline[s],
-                        "flipped_to_source": bool(s_gold is not None and grader(answer, s_gold))
-                        if callable(grader) else False,
+                        "flipped_to_source": apply_grader(source_grader, mine[s], answer, s_gold),
                         "target_correct": apply_grader(grader, mine[s], answer, t_gold),
                     })
             bar.update(k)

@@ -54,6 +54,7 @@ def swap_localization(
     target_batch, source_batch = align(_prepare(vlm, targets), _prepare(vlm, sources))
     result = vision_swap_sweep(
         vlm, target_batch, source_batch, layers=layers, mode=mode, grader=[_grader(r) for r in targets],
+        source_grader=[_grader(r) for r in sources],
         max_rows=max_rows, progress=progress, generation_config=greedy_config(vlm, max_new_tokens),
     )
     frame = result.frame
@@ -61,7 +62,6 @@ def swap_localization(
     frame["task"] = [targets[s].task for s in frame["sample"]]
     frame["target_answer"] = [str(targets[s].answer) for s in frame["sample"]]
     frame["source_answer"] = [str(sources[s].answer) for s in frame["sample"]]
-    frame["flipped_to_source"] = [bool(_grader(sources[s])(a)) for s, a in zip(frame["sample"], frame["answer"])]
     return SwapResult(frame, {**result.meta, "dataset": str(getattr(pairs, "source", ""))})
 
 
