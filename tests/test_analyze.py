@@ -72,6 +72,27 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_checkpoints_and_cuts_fail_before_any_work(tmp_path, zoo, capsys) -> None:
+    qwen = str(zoo("qwen2_5_vl").save(tmp_path / "qwen"))
+    wider = str(zoo("qwen2_5_vl", d_mlp=96).save(tmp_path / "wider"))
+    llava = str(zoo("llava").save(tmp_path / "llava"))
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    out = str(tmp_path / "out")
+    cases = [
+        (["--in", qwen, "--rl", llava], "LLaVA"),
+        (["--in", qwen, "--rl", wider], "one architecture"),
+        (["--in", str(unknown), "--rl", qwen], "register"),
+        (["--in", qwen, "--rl", qwen, "--cuts", "9,x"], "two integers"),
+        (["--in", qwen, "--rl", qwen, "--cuts", "1,99"], "non-empty parts"),
+    ]
+    for args, message in cases:
+        assert main(["analyze", *args, "--out", out, "-q"]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "out").exists()
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_model_options, model_options
+
 EXAMPLE = """examples:
   vlm-probe analyze --out report/                       # the built-in CPU testbed (built on first use)
   vlm-probe analyze --in ckpt/in --rl ckpt/rl --base ckpt/base --data mydata/ --out report/
+  vlm-probe analyze --in Org/VLM-IN --rl Org/VLM-RL --data mydata/ --dtype bf16 --device-map auto --cuts 8,20
 --data holds any of swap.jsonl (swap pairs), perception.jsonl (general VQA, M_vis),
 v2r.jsonl (VQA with descriptions, M_v2r), text.jsonl (text reasoning, M_rea)."""
 
@@ -29,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--reduced", action="store_true", help="use the reduced (seconds) testbed")
     parser.add_argument("--seed", type=int, default=0, help="testbed seed")
     parser.add_argument("--no-freezing", action="store_true", help="skip the testbed freezing runs")
-    parser.add_argument("-q", "--quiet", action="store_true")
+    add_model_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -40,9 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
-    cuts = tuple(int(c) for c in args.cuts.split(",")) if args.cuts else None
     options = Options(samples=args.samples, eval_items=args.eval_items, max_new_tokens=args.max_new_tokens,
-                      cuts=cuts, quiet=args.quiet, freezing=not args.no_freezing)
+                      cuts=args.cuts, quiet=args.quiet, freezing=not args.no_freezing, load=model_options(args))
     analysis = analyze(args.in_path, args.rl_path, base_path=args.base_path, data=args.data, out=args.out,
                        options=options, reduced=args.reduced, seed=args.seed, command="vlm-probe " + " ".join(sys.argv[1:]))
     print(f"{'claim':<70} verdict")

@@ -17,6 +17,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``load()`` keyword arguments from the options of :func:`add_model_options` (a single
+    device such as ``cuda:0`` becomes ``{"": "cuda:0"}``)."""
+    device_map = args.device_map
+    if device_map and device_map not in ("auto", "balanced", "sequential"):
+        device_map = {"": device_map}
+    return {"dtype": args.dtype, "device_map": device_map, "attn_implementation": args.attn_implementation}
+
+
 def load_model(path: str, args: argparse.Namespace) -> Any:
     import transformers
 
@@ -26,10 +35,7 @@ def load_model(path: str, args: argparse.Namespace) -> Any:
         transformers.utils.logging.disable_progress_bar()
     if not Path(path).exists() and "/" not in path:
         raise InputError(f"{path} is neither a checkpoint directory nor a hub id (org/name).")
-    device_map = args.device_map
-    if device_map and device_map not in ("auto", "balanced", "sequential"):
-        device_map = {"": device_map}
-    return load(path, dtype=args.dtype, device_map=device_map, attn_implementation=args.attn_implementation)
+    return load(path, **model_options(args))
 
 
 def parse_layers(text: str | None) -> list[int] | None:

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..commands.common import add_model_options, model_options
+
 EXAMPLE = """\
 example:
   vlm-probe eval ./checkpoints/RL --data data/general.jsonl --conditions image blank \\
@@ -38,12 +40,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--instruction", help="text appended after every question, e.g. 'Answer with a number.'")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N items")
     parser.add_argument("--by", default="condition", help="group accuracies by this column (category, task, ...)")
-    parser.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
-    parser.add_argument("--device-map", help="e.g. auto or cuda:0")
-    parser.add_argument("--attn", dest="attn_implementation", help="attention backend: sdpa, eager, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out with other settings")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_options(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -56,11 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from .runner import evaluate
 
     dataset = load_dataset(args.data, limit=args.limit)
-    device_map = args.device_map
-    if device_map and device_map not in ("auto", "balanced", "sequential"):
-        device_map = {"": device_map}
-    vlm = vlm_probe.load(args.model, dtype=args.dtype, device_map=device_map,
-                         attn_implementation=args.attn_implementation)
+    vlm = vlm_probe.load(args.model, **model_options(args))
     result = evaluate(
         vlm, dataset, conditions=args.conditions, out=args.out, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, system=args.system, prompt=PromptFormat(instruction=args.instruction),

@@ -58,9 +58,10 @@ class Options:
     samples: int = 24  #: items per analysis (swap pairs, ablation items, patching prompts, ...)
     eval_items: int = 48  #: items per dataset in the transfer table
     max_new_tokens: int = 8
-    cuts: tuple[int, int] | None = None
+    cuts: tuple[int, int] | str | None = None  #: where mid and late start (``(8, 20)`` or ``"8,20"``)
     quiet: bool = False
     freezing: bool = True
+    load: dict[str, Any] = field(default_factory=dict)  #: ``load()`` options: dtype, device_map, attn_implementation
 
 
 def find_data(directory: Path) -> dict[str, Path]:
@@ -85,8 +86,11 @@ def resolve_inputs(
     reduced: bool = False,
     seed: int = 0,
     quiet: bool = False,
+    cuts: Any = None,
 ) -> Inputs:
-    """Check every input before any work: paths, families, one architecture; build the testbed if needed."""
+    """Check every input before any work: paths, families, one architecture, the cuts; build
+    the testbed if needed."""
+    from ..weights.regions import Cuts
     from ..weights.reader import open_checkpoint
 
     testbed = None
@@ -114,6 +118,7 @@ def resolve_inputs(
             raise InputError(f"{name} is a {ckpt.spec.display_name} checkpoint but IN is {ref.spec.display_name}.")
         if {k: v.shape for k, v in ckpt.tensors.items()} != {k: v.shape for k, v in ref.tensors.items()}:
             raise InputError(f"{name} and IN are not checkpoints of one architecture (tensor names or shapes differ).")
+    Cuts.make(cuts, ref.n_layers)  # raises a specific InputError for bad cuts
     files: dict[str, Path] = {}
     if data is not None:
         directory = Path(data)
@@ -157,7 +162,8 @@ class Analysis:
         if self._models is None:
             from ..model import load_set
 
-            self._models = load_set(IN=str(self.inputs.checkpoints["IN"]), RL=str(self.inputs.checkpoints["RL"]))
+            self._models = load_set(IN=str(self.inputs.checkpoints["IN"]), RL=str(self.inputs.checkpoints["RL"]),
+                                    options=self.options.load)
         return self._models
 
     def fmt(self) -> Any:
@@ -569,7 +575,8 @@ def analyze(
     """Run the whole analysis and write ``out/report.html``, the tables and ``out/run.json``."""
     options = options or Options()
     started = time.perf_counter()
-    inputs = resolve_inputs(in_path, rl_path, base_path, data, reduced=reduced, seed=seed, quiet=options.quiet)
+    inputs = resolve_inputs(in_path, rl_path, base_path, data, reduced=reduced, seed=seed, quiet=options.quiet,
+                            cuts=options.cuts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     analysis = Analysis(inputs, out, options)
@@ -604,7 +611,8 @@ def _provenance(analysis: Analysis, out: Path, command: str, seconds: float) -> 
         "testbed": str(analysis.inputs.testbed.path) if analysis.inputs.testbed is not None else None,
         "options": analysis.options.__dict__,
         "dtype": str(next(vlm.hf.parameters()).dtype), "attention": vlm.attn_implementation,
-        "seeds": {"bootstrap": 0},
+        "seeds": {"bootstrap": 0, "testbed": analysis.inputs.testbed.recipe.seed}
+        if analysis.inputs.testbed is not None else {"bootstrap": 0},
         "timings_s": {**analysis.timings, "total": seconds},
         "claims": [c.__dict__ for c in analysis.claims],
         "failures": analysis.facts.get("failures", {}),
