@@ -10,7 +10,7 @@ from .common import add_model_options, model_options
 EXAMPLE = """examples:
   vlm-probe analyze --out report/                       # the built-in CPU testbed (built on first use)
   vlm-probe analyze --in ckpt/in --rl ckpt/rl --base ckpt/base --data mydata/ --out report/
-  vlm-probe analyze --in Org/VLM-IN --rl Org/VLM-RL --data mydata/ --dtype bf16 --device-map auto --cuts 8,20
+  vlm-probe analyze --in /models/vl-7b-in --rl /models/vl-7b-rl --data mydata/ --dtype bf16 --device-map auto --cuts 8,20
 --data holds any of swap.jsonl (swap pairs), perception.jsonl (general VQA, M_vis),
 v2r.jsonl (VQA with descriptions, M_v2r), text.jsonl (text reasoning, M_rea)."""
 
