@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import json
 
 import numpy as np
 import pytest
@@ -143,18 +145,40 @@ def test_probe_transfer_and_direction_cosine(pair) -> None:
     assert np.allclose(cos.loc[:1], 1.0, atol=1e-4), "identical layers give identical probe directions"
 
 
-def test_collect_disk_cache_resumes_and_matches_memory(pair, tmp_path) -> None:
+def test_collect_disk_cache_resumes_and_matches_memory(pair, tmp_path, monkeypatch) -> None:
+    collect_module = importlib.import_module("vlm_probe.analyses.collect")  # the package exports collect()
+
     models, batch, _ = pair
     memory = collect(models, batch, groups=("vision", "last"), batch_size=2, progress=False)
-    partial = collect({"IN": models["IN"]}, [batch[0:2]], groups=("vision", "last"), progress=False,
-                      out=tmp_path / "c1")
-    assert len(partial.keys()) > 0
+    real, calls = collect_module._collect_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while collecting the third batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "_collect_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        collect(models, batch, groups=("vision", "last"), batch_size=2, progress=False, out=tmp_path / "cache")
+    n_batches = -(-len(batch) // 2)
+    written = json.loads((tmp_path / "cache" / "index.json").read_text())["shards"]
+    assert len(written) == 2
+    calls.clear()
+    monkeypatch.setattr(collect_module, "_collect_batch", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     disk = collect(models, batch, groups=("vision", "last"), batch_size=2, progress=False, out=tmp_path / "cache")
+    assert len(calls) == 2 * n_batches - 2, "the resumed run computes only the missing batches"
+    assert not disk.tensors and disk.files, "a disk cache is opened lazily"
+    eager = collect_module.Activations.load(tmp_path / "cache", lazy=False)
     index = (tmp_path / "cache" / "index.json").read_text()
     again = collect(models, batch, groups=("vision", "last"), batch_size=2, progress=False, out=tmp_path / "cache")
     assert (tmp_path / "cache" / "index.json").read_text() == index, "a finished cache is not rewritten"
+    assert sorted(memory.keys()) == sorted(disk.keys()) == sorted(eager.keys())
     for key in memory.keys():
         assert torch.equal(memory[key], disk[key]) and torch.equal(memory[key], again[key])
+        assert torch.equal(memory[key], eager[key])
+        assert torch.equal(memory.sample_index(key), disk.sample_index(key))
+        assert torch.equal(memory.position_index(key), disk.position_index(key))
     with pytest.raises(vlm_probe.errors.InputError, match="other settings"):
         collect(models, batch, groups=("last",), batch_size=2, progress=False, out=tmp_path / "cache")
 

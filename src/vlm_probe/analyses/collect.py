@@ -18,6 +18,7 @@ from typing import Any
 
 import nnsight
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -39,26 +40,41 @@ def _key(checkpoint: str, site: str, layer: int, group: str) -> str:
 class Activations:
     """Collected activations: ``acts[(checkpoint, site, layer, group)]`` -> ``[rows, d_model]``.
 
-    ``samples[(checkpoint, site, layer, group)]`` gives each row's sample index (and
-    ``positions[...]`` its token position; -1 for means).
+    ``acts.sample_index(key)`` gives each row's sample index (``acts.position_index(key)`` its
+    token position; -1 for means). Read from a disk cache, an entry is loaded from the shards
+    when asked for and not kept, so memory holds one entry at a time.
     """
 
     tensors: dict[str, Tensor] = field(default_factory=dict)
     samples: dict[str, Tensor] = field(default_factory=dict)
     positions: dict[str, Tensor] = field(default_factory=dict)
+    files: dict[str, list[Path]] = field(default_factory=dict)  #: key -> disk-cache shards holding it
+
+    def _part(self, key: tuple[str, str, int, str], part: str) -> Tensor:
+        name = _key(*key)
+        store = {"acts": self.tensors, "samples": self.samples, "positions": self.positions}[part]
+        if name in store:
+            return store[name]
+        if name in self.files:
+            pieces = []
+            for file in self.files[name]:
+                with safe_open(file, framework="pt") as shard:
+                    pieces.append(shard.get_tensor(f"{name}#{part}"))
+            return torch.cat(pieces)
+        raise KeyError(f"No activations for {key}; collected: {self.keys()[:6]} ...")
 
     def __getitem__(self, key: tuple[str, str, int, str]) -> Tensor:
-        try:
-            return self.tensors[_key(*key)]
-        except KeyError:
-            raise KeyError(f"No activations for {key}; collected: {self.keys()[:6]} ...") from None
+        return self._part(key, "acts")
 
     def sample_index(self, key: tuple[str, str, int, str]) -> Tensor:
-        return self.samples[_key(*key)]
+        return self._part(key, "samples")
+
+    def position_index(self, key: tuple[str, str, int, str]) -> Tensor:
+        return self._part(key, "positions")
 
     def keys(self) -> list[tuple[str, str, int, str]]:
         out = []
-        for k in self.tensors:
+        for k in [*self.tensors, *(k for k in self.files if k not in self.tensors)]:
             c, s, l, g = k.split("|")
             out.append((c, s, int(l), g))
         return out
@@ -75,13 +91,21 @@ class Activations:
             self.tensors[key], self.samples[key], self.positions[key] = acts, samples, positions
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Activations:
-        """Read a disk cache written by :func:`collect` (all shards)."""
+    def load(cls, directory: str | os.PathLike, *, lazy: bool = True) -> Activations:
+        """Open a disk cache written by :func:`collect`: lazily (entries read from the shards
+        on access) or, with ``lazy=False``, every shard into memory."""
         directory = Path(directory)
         index = _read_index(directory)
         acts = cls()
-        for shard in index["shards"]:
-            data = load_file(directory / shard["file"])
+        for shard in sorted(index["shards"], key=lambda s: (s["checkpoint"], s["batch"])):  # rows in sample order
+            file = directory / shard["file"]
+            if lazy:
+                with safe_open(file, framework="pt") as handle:
+                    names = sorted({k.rsplit("#", 1)[0] for k in handle.keys()})
+                for name in names:
+                    acts.files.setdefault(name, []).append(file)
+                continue
+            data = load_file(file)
             for key in sorted({k.rsplit("#", 1)[0] for k in data}):
                 acts.add(key, data[f"{key}#acts"], data[f"{key}#samples"], data[f"{key}#positions"])
         return acts
@@ -125,7 +149,8 @@ def collect(
         out: a directory for the disk cache (resumable); ``None`` keeps everything in memory.
 
     Returns:
-        :class:`Activations` (read back from the cache when ``out`` is given).
+        :class:`Activations` (the cache opened lazily when ``out`` is given: entries are
+        read from disk when asked for).
     """
     if reduce not in ("none", "mean"):
         raise InputError(f"reduce must be 'none' or 'mean'; got {reduce!r}.")
