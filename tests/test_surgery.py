@@ -206,6 +206,11 @@ def test_presets_and_yaml() -> None:
     assert MergePlan.from_yaml(text) == plan
     grid = block_grid("IN", "RL", 4, block=2)
     assert list(grid) == ["IN+RL[0:2]", "IN+RL[1:3]", "IN+RL[2:4]"]
+    full = block_grid("IN", "RL", 4, block=None)
+    spans = {(r.regions[0]) for plan in full.values() for r in plan.rules}
+    assert len(full) == 4 * 5 // 2 and "layers:0-3" in spans and "layers:3" in spans
+    with pytest.raises(MergePlanError):
+        block_grid("IN", "RL", 4, block=5)
     assert interpolation("IN", "RL", [0.0, 0.5])["IN->RL alpha=0.5"].rules[0].alpha == 0.5
 
 

@@ -239,18 +239,22 @@ def published_variants(
 
 
 def block_grid(
-    a: str, b: str, n_layers: int, *, block: int = 1, host: str | None = None
+    a: str, b: str, n_layers: int, *, block: int | None = 1, host: str | None = None
 ) -> dict[str, MergePlan]:
-    """Every contiguous block of ``block`` decoder layers of ``b`` swapped into ``a`` (a sliding
-    window over depth: ``a + b[i:i+block]`` for each start ``i``)."""
-    if not 1 <= block <= n_layers:
-        raise MergePlanError(f"block must lie in 1..{n_layers}; got {block}.")
+    """Contiguous blocks of ``b``'s decoder layers swapped into ``a``: every block of ``block``
+    layers (a sliding window over depth, ``a + b[i:i+block]`` for each start ``i``), or with
+    ``block=None`` the full grid, every ``b[i:j]`` for ``0 <= i < j <= n_layers``
+    (``n (n + 1) / 2`` plans, e.g. for a start x stop heat map)."""
+    sizes = range(1, n_layers + 1) if block is None else [block]
+    if block is not None and not 1 <= block <= n_layers:
+        raise MergePlanError(f"block must lie in 1..{n_layers} (or None for every block); got {block}.")
     plans = {}
-    for start in range(0, n_layers - block + 1):
-        stop = start + block - 1
-        region = f"layers:{start}" if block == 1 else f"layers:{start}-{stop}"
-        name = f"{a}+{b}[{start}:{stop + 1}]"
-        plans[name] = MergePlan(host=host or a, rules=(Rule((region,), b),), name=name)
+    for size in sizes:
+        for start in range(0, n_layers - size + 1):
+            stop = start + size - 1
+            region = f"layers:{start}" if size == 1 else f"layers:{start}-{stop}"
+            name = f"{a}+{b}[{start}:{stop + 1}]"
+            plans[name] = MergePlan(host=host or a, rules=(Rule((region,), b),), name=name)
     return plans
 
 
