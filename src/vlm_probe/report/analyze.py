@@ -219,7 +219,8 @@ class Analysis:
         regions = result.by_region()
         self.save_table("weights_by_region", regions)
         self.save_table("weights_by_layer", result.by_layer())
-        section.figures += [result.plot("layers", metric="rel_norm"), result.plot("regions")]
+        section.figures += [result.plot("layers", metric="rel_norm"), result.plot("regions"),
+                            result.plot("spectra"), result.plot("layers", metric="stable_rank_mean")]
         section.tables.append(("Energy share and relative norm by region", result.summary()))
         frame = result.frame
         rl = frame[frame["step"] == "IN->RL"]
