@@ -15,7 +15,7 @@ from vlm_probe.analyses.attention_mass import attention_mass, token_attention
 from vlm_probe.analyses.collect import Activations, collect
 from vlm_probe.analyses.drift import linear_cka, representation_drift
 from vlm_probe.analyses.lens import TunedLens, compare_lenses, logit_lens, readout
-from vlm_probe.analyses.overlay import cell_grid, overlay_figure
+from vlm_probe.analyses.overlay import cell_grid, overlay_checkpoints, overlay_figure
 from vlm_probe.analyses.probes import probe_layers
 from vlm_probe.testbed.zoo import FAMILIES, tiny_vlm
 
@@ -269,3 +269,15 @@ def test_patching_and_attention_overlays(pair) -> None:
     attention = token_attention(vlm, batch, queries="last")
     assert attention.shape == batch.inputs["input_ids"].shape
     torch.testing.assert_close(attention.sum(1), torch.ones(len(batch)), atol=1e-5, rtol=0)
+    # per checkpoint on one colour range, and RL minus IN centred at 0
+    values = {name: token_attention(m, batch, queries="last") for name, m in models.items()}
+    figures = overlay_checkpoints(batch, values, sample=1)
+    assert list(figures) == ["IN", "RL", "RL - IN"]
+    row = batch.layout[1]
+    for name in ("IN", "RL"):
+        expected, _, _ = cell_grid(row, values[name][1, row.spans["vision"]].numpy())
+        np.testing.assert_allclose(np.asarray(figures[name].data[1].z, dtype=float), expected, rtol=1e-6)
+    assert figures["IN"].data[1].zmin == figures["RL"].data[1].zmin
+    delta, _, _ = cell_grid(row, (values["RL"] - values["IN"])[1, row.spans["vision"]].numpy())
+    np.testing.assert_allclose(np.asarray(figures["RL - IN"].data[1].z, dtype=float), delta, rtol=1e-5, atol=1e-7)
+    assert figures["RL - IN"].data[1].zmid == 0

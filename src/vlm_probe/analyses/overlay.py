@@ -8,7 +8,7 @@ the image, with the value and the token in the hover text.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,7 @@ def overlay_figure(
     colorscale: str = "Viridis",
     opacity: float = 0.55,
     zmid: float | None = None,
+    zrange: tuple[float, float] | None = None,
 ) -> go.Figure:
     """A heatmap of one value per vision token over the picture it came from.
 
@@ -72,6 +73,7 @@ def overlay_figure(
         values: one value per vision token, aligned with ``layout.spans["vision"]``.
         labels: optional text per vision token for the hover (e.g. the logit-lens top token).
         zmid: center of a diverging colorscale (e.g. 0 for RL minus IN).
+        zrange: fixed ``(min, max)`` of the colour scale (to compare several figures).
     """
     grid, spec, tile_index = cell_grid(layout, values, image_index, tile)
     width, height = image.size
@@ -89,7 +91,8 @@ def overlay_figure(
     fig = go.Figure()
     fig.add_trace(go.Image(z=np.asarray(image.convert("RGB")), hoverinfo="skip"))
     heat = go.Heatmap(z=grid, x=xs, y=ys, text=text, opacity=opacity, colorscale=colorscale,
-                      hovertemplate="%{text}<br>value %{z:.4f}<extra></extra>", zmid=zmid)
+                      hovertemplate="%{text}<br>value %{z:.4f}<extra></extra>", zmid=zmid,
+                      zmin=zrange[0] if zrange else None, zmax=zrange[1] if zrange else None)
     fig.add_trace(heat)
     fig.update_layout(title=title, template="plotly_white", width=min(720, max(360, width)),
                       height=min(720, max(360, height)) + 60, margin={"l": 20, "r": 20, "t": 60, "b": 20})
@@ -101,3 +104,39 @@ def overlay_figure(
 def vision_values(layout: TokenLayout, per_position: dict[int, float]) -> np.ndarray:
     """Values aligned with ``layout.spans['vision']`` from a ``{position: value}`` mapping."""
     return np.array([per_position.get(p, np.nan) for p in layout.spans["vision"]], dtype=float)
+
+
+def overlay_checkpoints(
+    batch: Any,
+    values: Mapping[str, Any],
+    *,
+    sample: int = 0,
+    image: int = 0,
+    difference: tuple[str, str] | None = ("IN", "RL"),
+    title: str = "",
+) -> dict[str, go.Figure]:
+    """One overlay per checkpoint of a per-token quantity, on one colour range, plus the
+    difference of two of them on a diverging scale centred at 0.
+
+    Args:
+        batch: the prepared batch the values were computed on (it holds the images).
+        values: checkpoint name -> ``[batch, seq]`` values (e.g. :func:`token_attention` of
+            each checkpoint, a probe score per token).
+        difference: ``(a, b)`` adds the figure ``"b - a"`` (skipped when either is absent).
+
+    Returns:
+        ``{name: figure}`` for every checkpoint, then ``"b - a"``.
+    """
+    row = batch.layout[sample]
+    picture = batch.rows[sample].images[image]
+    per_token = {name: np.asarray(v, dtype=float)[sample, row.spans["vision"]] for name, v in values.items()}
+    finite = np.concatenate([v[np.isfinite(v)] for v in per_token.values()])
+    shared = (float(finite.min()), float(finite.max())) if finite.size else None
+    label = f"{title}: " if title else ""
+    figures = {name: overlay_figure(picture, row, v, image_index=image, zrange=shared, title=f"{label}{name}")
+               for name, v in per_token.items()}
+    if difference is not None and all(name in per_token for name in difference):
+        a, b = difference
+        figures[f"{b} - {a}"] = overlay_figure(picture, row, per_token[b] - per_token[a], image_index=image, zmid=0,
+                                               colorscale="RdBu", title=f"{label}{b} minus {a}")
+    return figures
