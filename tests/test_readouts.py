@@ -63,6 +63,38 @@ def test_lens_transfer_reads_states_with_the_other_head(pair) -> None:
     np.testing.assert_allclose(own, other, atol=1e-7)
 
 
+def test_lens_transfer_uses_the_readers_norm_and_head() -> None:
+    """RL with its own final norm and unembedding: RL's states read with IN's head, by hand."""
+    import torch.nn.functional as F
+
+    base = tiny_vlm("qwen2_5_vl", n_layers=3)
+    rl = copy.deepcopy(base.model)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        rl.lm_head.weight.add_(torch.randn(rl.lm_head.weight.shape, generator=generator) * 0.5)
+        rl.model.language_model.norm.weight.mul_(1.5)
+    models = vlm_probe.load_set(IN=vlm_probe.load(base), RL=vlm_probe.load(rl, processor=base.processor))
+    batch = models.prepare(["how many red circles ?"] * 2, [[base.image(i)] for i in range(2)])
+    frame = logit_lens(models, batch, positions="last", transfer=True, progress=False).frame
+    with torch.no_grad():
+        out = rl(**batch.inputs, output_hidden_states=True)
+        states = out.hidden_states[-1][:, -1]  # HF's last entry is already through RL's final norm
+    acts = collect({"RL": models["RL"]}, batch, layers=[2], groups=("last",), progress=False)
+    raw = acts[("RL", "layer_out", 2, "last")]
+    with torch.no_grad():
+        by_in = base.model.lm_head(base.model.model.language_model.norm(raw))
+        final = out.logits[:, -1]
+    assert torch.allclose(rl.model.language_model.norm(raw), states, atol=1e-5)
+    expected = (F.log_softmax(final, -1).exp() * (F.log_softmax(final, -1) - F.log_softmax(by_in, -1))).sum(-1)
+    got = frame[(frame.checkpoint == "RL") & (frame.readout == "IN") & (frame.layer == 2)].sort_values("sample")
+    np.testing.assert_allclose(got["kl_to_final"].values, expected.numpy(), rtol=1e-4, atol=1e-6)
+    assert (got["kl_to_final"] > 1e-3).all(), "IN's head reads RL's last states differently"
+    own = frame[(frame.checkpoint == "RL") & (frame.readout == "RL") & (frame.layer == 2)]
+    assert own["kl_to_final"].abs().max() < 1e-6
+    assert (got["top_tokens"].str.split(" | ").str[0].tolist()
+            == base.tokenizer.convert_ids_to_tokens(by_in.argmax(-1).tolist()))
+
+
 def test_tuned_lens_improves_on_the_logit_lens_and_roundtrips(pair, tmp_path) -> None:
     models, batch, _ = pair
     vlm = models["IN"]

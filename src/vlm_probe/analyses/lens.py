@@ -103,7 +103,7 @@ def _lens_rows(
     rows: list[dict[str, Any]] = []
     log_final = final
     samples = vlm_states.sample_index((name, "layer_out", layers[0], group))
-    positions = vlm_states.positions[f"{name}|layer_out|{layers[0]}|{group}"]
+    positions = vlm_states.position_index((name, "layer_out", layers[0], group))
     for reader_name, reader in readers.items():
         for layer in layers:
             states = vlm_states[(name, "layer_out", layer, group)]
