@@ -351,7 +351,8 @@ class Analysis:
         )
 
     def attention(self, section: Section) -> None:
-        from ..analyses.attention_mass import attention_mass
+        from ..analyses.attention_mass import attention_mass, token_attention
+        from ..analyses.overlay import overlay_checkpoints
 
         batch, _ = self.batch(min(self.options.samples, 16))
         if batch is None:
@@ -367,6 +368,13 @@ class Analysis:
                                        "Attention mass on vision tokens: RL minus IN (paired 95% CI)",
                                        "difference", low="low", high="high"))
         mid, _ = self.cuts()
+        # where on the picture: the last prompt token's attention to each vision token, mid + late layers
+        first = batch[:1]
+        late_layers = range(mid, self.n_layers())
+        values = {name: token_attention(self.models[name], first, queries="last", layers=late_layers)
+                  for name in ("IN", "RL")}
+        figures = overlay_checkpoints(first, values, title="Last prompt token's attention (mid + late layers)")
+        section.figures += [figures["IN"], figures["RL - IN"]]
         frame = result.frame
         per = frame[frame["layer"] >= mid].groupby(["checkpoint", "sample"])["mass"].mean().unstack(0)
         est = paired_difference(per["IN"].to_numpy(), per["RL"].to_numpy(), n_resamples=1000)
