@@ -37,6 +37,20 @@ def test_atomic_directory_refuses_overwrite(tmp_path) -> None:
     assert (tmp_path / "d" / "x").read_text() == "2"
 
 
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path) -> None:
+    """Temporary files start private (0600); what lands must be readable like any new file."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    with atomic_directory(tmp_path / "atomic_dir") as tmp:
+        atomic_write_text(tmp / "inside.txt", "x")
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "atomic.txt") == mode(plain)
+    assert mode(tmp_path / "atomic_dir" / "inside.txt") == mode(plain)
+    assert mode(tmp_path / "atomic_dir") == mode(tmp_path / "plain_dir")
+
+
 def test_jsonl_log_ignores_and_repairs_a_torn_line(tmp_path) -> None:
     log = JsonlLog(tmp_path / "run.jsonl")
     log.append({"id": 1, "ok": True})
