@@ -69,6 +69,8 @@ def plan_chunks(starts: Sequence[int], layers: Sequence[int], rows: int, width: 
     Returns:
         ``range`` s of cell indices, in order.
     """
+    if any(b < a for a, b in zip(starts, starts[1:])):
+        raise InputError("plan_chunks needs the cells sorted by their first rerun column.")
     m = len(starts)
     best = [0.0] + [float("inf")] * m
     cut = [0] * (m + 1)
@@ -76,7 +78,8 @@ def plan_chunks(starts: Sequence[int], layers: Sequence[int], rows: int, width: 
         shallowest = n_layers
         for i in range(j - 1, max(-1, j - 1 - max_cells), -1):
             shallowest = min(shallowest, layers[i])
-            cost = best[i] + (j - i) * rows * (width - min(starts[i:j])) * (n_layers - shallowest) + rows * width
+            # starts ascend, so the chunk's first cell has its first rerun column
+            cost = best[i] + (j - i) * rows * (width - starts[i]) * (n_layers - shallowest) + rows * width
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     out: list[range] = []
