@@ -190,6 +190,11 @@ def test_parse_number(span, value) -> None:
         ("6 to 7 shapes", None, "hedge"),
         ("3 or 3", 3, "head"),
         ("not 3", None, "negated"),
+        ("2 + 3", None, "none"),
+        ("x = 2 or x = 3", None, "hedge"),
+        ("3,5", None, "hedge"),
+        ("0.75, or 75%", Fraction(3, 4), "head"),
+        ("There isn't any red cube", 0, "only"),
         ("I cannot tell", None, "none"),
     ],
 )
@@ -234,7 +239,9 @@ def test_read_yes_no(span, value) -> None:
     [("B", 1), ("b", 1), ("(b)", 1), ("b)", 1), ("[C]", 2), ("(B)", 1), ("B. blue square", 1), ("Option B", 1),
      ("The answer is C.", 2), ("blue square", 1), ("It is the green triangle.", 2), ("\\text{D}", 3),
      ("A red circle.", 0), ("I think it's B.", 1), ("a", 0), ("a red circle", 0), ("Z", None), ("E", None),
-     ("I don't know", None), ("A or C", None), ("the red circle or the blue square", None)],
+     ("I don't know", None), ("A or C", None), ("the red circle or the blue square", None),
+     ("A. red circle B. blue square C. green triangle D. yellow star", None),
+     ("A is wrong, B is wrong, C is wrong, so D", 3)],
 )
 def test_read_choice(span, index) -> None:
     assert read_choice(span, OPTIONS4).value == index
@@ -305,7 +312,7 @@ def test_integers_compare_exactly_and_reals_with_their_tolerance() -> None:
                                                                                      "1000000")
     assert "1000001 != 1000000" in verdict.reason and verdict.extracted == "There are 1000001 items."
     assert grade("1000001", "1000000", rel_tol=1e-6).correct  # only when asked for
-    assert grade("2.00001", "2.0").correct is False  # a real: |diff| 1e-5 > 1e-6 * 2.00001
+    assert grade("2.50001", "2.5").correct is False  # a real: |diff| 1e-5 > 1e-6 * 2.50001
     assert grade("2.000001", "2.0000005").correct  # |diff| 5e-7 <= 1e-6 * 2.000001
     assert grade("0.1", 0.1).expected == "0.1"  # a float gold is its decimal text, not the double's expansion
 

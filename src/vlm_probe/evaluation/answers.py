@@ -142,6 +142,7 @@ _TEXT_MACRO = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|o
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*(-?\d+(?:\.\d+)?)\s*\}\s*\{\s*(\d+(?:\.\d+)?)\s*\}")
 _LATEX_SCI = re.compile(r"(?<=\d)\s*(?:\\times|\\cdot|\u00d7|\u00b7|\*|x)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?")
 _DELIMITED = re.compile(r"^\$+([^$]*)\$+$|^\\\((.*)\\\)$|^\\\[(.*)\\\]$", re.S)
+_MARKUP = re.compile(r"[\\$*_`'\"{\u2018\u2019\u201c\u201d\u2212]|\d\s*[x\u00d7\u00b7]\s*10")
 _LATEX_SPACING = re.compile(r"\\[,!;: ]|\\quad|\\qquad|\\left|\\right")
 
 
@@ -153,6 +154,8 @@ def normalize_span(span: str) -> str:
     and a final full stop; rewrites ``\\frac{a}{b}`` as ``a/b``, ``\\%`` as ``%`` and
     ``a \\times 10^{n}`` as ``aen``. Idempotent.
     """
+    if not _MARKUP.search(span):  # the common case: plain text, nothing to remove
+        return span.strip().rstrip(". \t\n")
     s = _EMPHASIS.sub("", span).strip()
     s = s.replace("\\$", "").replace("\\%", "%").replace("{,}", ",").replace("\u2212", "-")
     s = _LATEX_SPACING.sub(" ", s)
@@ -194,12 +197,14 @@ class Reading(Generic[T]):
             (the last of several), ``only``; or why there is no value: ``none``, ``hedge``,
             ``negated``, ``invalid``.
         note: a human-readable detail (the hedged values, ...).
+        at: where in the (normalised) span the value starts, when it was picked from several.
     """
 
     value: T | None
     text: str = ""
     how: str = "none"
     note: str = ""
+    at: int | None = None
 
     @property
     def found(self) -> bool:
@@ -216,7 +221,11 @@ _OPERATOR_AFTER = re.compile(
 )
 _CONCLUSION = re.compile(r"\b(?:so|thus|therefore|hence|in\s+total|altogether|making|giving|which\s+(?:makes|gives))\b",
                          re.I)
-_HEDGE = re.compile(r"^\s*,?\s*(?:or|and|and/or|or\s+maybe|or\s+possibly|or\s+perhaps|or\s+even|to|\u2013)\s*$", re.I)
+_HEDGE = re.compile(r"^\s*,?\s*(?:or|and|and/or|or\s+maybe|or\s+possibly|or\s+perhaps|or\s+even|to|\u2013)\s*$|^[-,]$",
+                    re.I)
+#: A short gap holding "or" ("x = 2 or x = 3", "A (or possibly C)") also makes a hedge.
+_SHORT_OR = re.compile(r"^[^.;!?\n]{0,12}\bor\b[^.;!?\n]{0,12}$", re.I)
+_OPERAND_BEFORE = re.compile(r"(?:[-+*/\u00d7\u00f7^]|\b(?:plus|minus|times|by|over))\s*$", re.I)
 _RANGE_GAP = re.compile(r"^\s*(?:and|-)\s*$", re.I)
 _BETWEEN = re.compile(r"\b(?:between|from)\s*$", re.I)
 _BECAUSE = re.compile(r"\b(?:because|since|as)\b|:(?=\s)", re.I)
@@ -238,10 +247,10 @@ def _paren_depths(text: str) -> list[int]:
 def _pick(text: str, found: Sequence[Candidate[T]], what: str, *, same: Any = None) -> Reading[T]:
     """The candidate that answers, by the rule in this module's docstring.
 
-    ``same(a, b)`` says whether two values agree (default ``==``); agreeing candidates are
-    never a hedge.
+    ``same(a, b)`` says whether two candidates agree (default: equal values); agreeing
+    candidates are never a hedge.
     """
-    same = same or (lambda a, b: a == b)
+    same = same or (lambda a, b: a.value == b.value)
     if not found:
         return Reading(None, how="none", note=f"no {what} in the answer")
     lead = _LEAD.match(text)
@@ -263,14 +272,14 @@ def _pick(text: str, found: Sequence[Candidate[T]], what: str, *, same: Any = No
         chosen = outside[-1]
     i = found.index(chosen)
     for j in (i - 1, i + 1):
-        if 0 <= j < len(found) and not same(found[j].value, chosen.value):
+        if 0 <= j < len(found) and not same(found[j], chosen):
             a, b = sorted((found[j], chosen))
             gap = text[a.end : b.start]
-            if _HEDGE.match(gap) or (_RANGE_GAP.match(gap) and _BETWEEN.search(text[: a.start])):
+            if _HEDGE.match(gap) or _SHORT_OR.match(gap) or (_RANGE_GAP.match(gap) and _BETWEEN.search(text[: a.start])):
                 return Reading(None, text[a.start : b.end], "hedge", f"a hedge between {a.text!r} and {b.text!r}")
     if _NOT_BEFORE.search(text[: chosen.start]):
         return Reading(None, chosen.text, "negated", f"{chosen.text!r} is negated")
-    return Reading(chosen.value, chosen.text, how)
+    return Reading(chosen.value, chosen.text, how, at=chosen.start)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -279,7 +288,7 @@ def _pick(text: str, found: Sequence[Candidate[T]], what: str, *, same: Any = No
 #: fraction, a percent sign, or a few glued units. Look-arounds keep ``1.5`` from matching
 #: ``5``, ``x2`` from matching ``2`` and ``10^6`` from matching ``10``.
 _NUMBER = re.compile(
-    r"(?:(?<![\w)\].}{^_\\])(?P<sign>[-+\u2212])|(?<![\w.{^_\\]))"
+    r"(?:(?<![\w)\].}{^_\\])(?<![\d)\]}] )(?P<sign>[-+\u2212])|(?<![\w.{^_\\]))"
     r"(?P<mant>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
     r"(?:[eE](?P<exp>[-+\u2212]?\d+))?"
     r"(?:\s*/\s*(?P<den>\d+(?:\.\d+)?)(?![\w.]))?"
@@ -304,7 +313,8 @@ _NUMBER_WORDS = re.compile(
 )
 _WORD_TOKEN = re.compile(rf"\b(?:{_WORD}|and)\b|,", re.I)
 _PRONOUN_ONE = re.compile(r"\b(?:the|this|that|which|each|every|any|another|no|a|one)\s+(?:[a-z]+\s+)?$", re.I)
-_NO_AS_ZERO = re.compile(r"\b(?:are|is|has|have|see|contains?|shows?|with)\s+(no)\b(?=\s+[a-z])", re.I)
+_NO_AS_ZERO = re.compile(r"\b(?:are|is|has|have|see|contains?|shows?|with)\s+(no)\b(?=\s+[a-z])"
+                         r"|((?:\bnot|n't|n\u2019t)\s+(?:any|a\s+single)\b)", re.I)
 #: The number words ``zero`` .. ``twenty`` (kept for callers of the earlier API).
 NUMBER_WORDS: dict[str, int] = {w: v for w, (v, kind) in _UNITS.items() if kind in ("unit", "teen")} | {"twenty": 20}
 
@@ -407,8 +417,9 @@ def number_candidates(text: str) -> list[Candidate[Fraction]]:
         if cand.text.lower() == "one" and _PRONOUN_ONE.search(text[: cand.start]):
             continue
         found.append(cand)
-    for match in _NO_AS_ZERO.finditer(text):
-        found.append(Candidate(match.start(1), match.end(1), Fraction(0), match.group(1)))
+    for match in _NO_AS_ZERO.finditer(text):  # "there are no cubes", "there isn't any cube"
+        group = 1 if match.group(1) else 2
+        found.append(Candidate(match.start(group), match.end(group), Fraction(0), match.group(group)))
     found.sort(key=lambda c: c.start)
     return found
 
@@ -448,7 +459,19 @@ def read_number(span: str) -> Reading[Fraction]:
     whole = parse_number(s)
     if whole is not None:
         return Reading(whole, s, "whole")
-    return _pick(s, number_candidates(s), "number")
+    found = number_candidates(s)
+    reading = _pick(s, found, "number", same=_same_number)
+    if reading.found and reading.how != "head" and reading.at is not None:
+        if _OPERAND_BEFORE.search(s[: reading.at]):  # "2 + 3": an operand, not a result
+            return Reading(None, s, "none", f"{reading.text!r} is an operand of an expression, not its value")
+    return reading
+
+
+def _same_number(a: Candidate[Fraction], b: Candidate[Fraction]) -> bool:
+    """Equal values, or one value written as a percent of the other ("0.75, or 75%")."""
+    if a.value == b.value:
+        return True
+    return (a.text.endswith("%") and a.value / 100 == b.value) or (b.text.endswith("%") and b.value / 100 == a.value)
 
 
 def last_number(text: str) -> float | None:
@@ -574,6 +597,9 @@ def read_choice(span: str, choices: Sequence[str]) -> Reading[int]:
         return Reading(norm_choices.index(normed), s, "whole")
     letters, invalid = _letters(s, len(choices))
     if letters:
+        named = {c.value for c in letters}
+        if len(named) == len(choices) >= 3 and not _CONCLUSION.search(s):
+            return Reading(None, s, "hedge", "the answer names every option (the options echoed?)")
         return _pick(s, letters, "option letter")
     if invalid and not _LETTER.sub("", s).strip(" .:()"):
         return Reading(None, invalid, "invalid", f"letter {invalid} is not one of the {len(choices)} options")

@@ -13,7 +13,8 @@
    * ``choice``: the option index;
    * ``yesno``: yes or no;
    * ``integer``: exact equality, unless a tolerance is asked for (``rel_tol``/``abs_tol``);
-   * ``real``: ``|p - g| <= max(rel_tol * max(|p|, |g|), abs_tol)``, 1e-6 and 1e-9 by default;
+   * ``real``: ``|p - g| <= max(rel_tol * max(|p|, |g|), abs_tol)``, 1e-6 and 1e-9 by default
+     (a number written as a percent also matches as a fraction: ``75%`` is 75 and 0.75);
    * ``math``: ``math-verify`` with the gold first, as its documentation requires, and only
      on a span that is an expression (never a sentence: words would become symbols);
    * ``box``: IoU against the gold box, correct from ``iou_threshold`` on;
@@ -334,15 +335,21 @@ def _compare_number(extraction: Extraction, gold: Any, kind: str, options: _Opti
                                        f"{'equals' if ok else 'differs from'} {expected}",
                                 predicted=expression.value, expected=expected)
         return _unread(extraction, kind, reading, expected)
-    predicted = format_exact(reading.value)
+    value = reading.value
+    pred_pct = bool(re.search(r"(?:%|percent)$", reading.text.strip()))
+    gold_pct = isinstance(gold, str) and bool(re.search(r"(?:%|percent)$", gold.strip()))
+    predicted = format_exact(value) + ("%" if pred_pct else "")
+    expected += "%" if gold_pct else ""
+    # a percent on either side may also be read as a fraction: 75% == 0.75
+    pairs = [(value, gold_value)] + [(value / 100, gold_value)] * pred_pct + [(value, gold_value / 100)] * gold_pct
     tolerance = options.rel_tol is not None or options.abs_tol is not None
     if kind == "integer" and not tolerance:
-        ok = reading.value == gold_value
+        ok = any(p == g for p, g in pairs)
         rule = "exact (integer gold, no tolerance asked for)"
     else:
         rel = options.rel_tol if options.rel_tol is not None else (REAL_REL_TOL if kind == "real" else 0.0)
         absolute = options.abs_tol if options.abs_tol is not None else (REAL_ABS_TOL if kind == "real" else 0.0)
-        ok = numbers_close(prediction=reading.value, gold=gold_value, rel_tol=rel, abs_tol=absolute)
+        ok = any(numbers_close(prediction=p, gold=g, rel_tol=rel, abs_tol=absolute) for p, g in pairs)
         rule = f"rel_tol={rel!r}, abs_tol={absolute!r}"
     return _verdict(extraction, kind, correct=ok, method=kind, stage="compare",
                     reason=f"{predicted} {'==' if ok else '!='} {expected}, {rule} (read {reading.how}: "
@@ -438,6 +445,10 @@ def _compare_text(extraction: Extraction, gold: Any) -> Grade:
         return _unread(extraction, "text", Reading(None, note="no text"), expected)
     for phrase in phrases:
         if _norm_words(phrase) == expected:
+            after = extraction.text.split(phrase, 1)[-1] if phrase in extraction.text else ""
+            if re.match(r"^\W*\(?\s*or\b", after, re.I):  # "red (or maybe blue)"
+                return _verdict(extraction, "text", correct=False, method="hedge", stage="read",
+                                reason=f"{phrase!r} is followed by an alternative ('or')", expected=expected)
             return _verdict(extraction, "text", correct=True, method="text", stage="compare",
                             reason=f"{_norm_words(phrase)!r} == {expected!r} (read from {phrase!r})",
                             predicted=_norm_words(phrase), expected=expected)
