@@ -91,7 +91,7 @@ def _base_row(request: Request | LoadFailure, condition: str) -> dict[str, Any]:
         rec = request.record
         return {"id": request.id, "index": request.index, "condition": condition,
                 "category": rec.get("category", rec.get("task")), "task": rec.get("task"),
-                "prompt": rec.get("question", rec.get("prompt")), "answer": _jsonable(rec.get("answer"))}
+                "prompt": rec.get("question", rec.get("prompt")), "answer": _jsonable(request.answer(condition))}
     return {"id": request.id, "index": request.index, "condition": condition, "category": request.category,
             "task": request.task, "prompt": request.prompt, "answer": _jsonable(request.answer)}
 
@@ -482,11 +482,15 @@ def evaluate(
     per_condition: dict[str, dict[str, Any]] = {}
     for condition in conditions:
         log = run_dir.log(condition) if run_dir is not None else None
-        logged = log.done() if log is not None else set()
-        failure_rows = [error_row(f, condition, f.reason) for f in dataset.failures]
-        for row in failure_rows:
-            if log is not None and row["id"] not in logged:
-                log.append(row)
+        logged = {row["id"]: row for row in log.read()} if log is not None else {}
+        failure_rows = []
+        for failure in dataset.failures:  # a resumed run shows the rows it logged, not a fresh load's
+            row = logged.get(failure.id)
+            if row is None:
+                row = error_row(failure, condition, failure.reason)
+                if log is not None:
+                    log.append(row)
+            failure_rows.append(row)
         rows, stats = run_requests(
             model, requests[condition], generate=generate, condition=condition, batch_size=batch_size,
             system=system, grading=grading, log=log, seed=seed, quiet=quiet,
