@@ -12,7 +12,8 @@ the first three. Each is a plain function, usable and tested on its own.
    ``\\(...\\)``, ``\\text{}``, ``\\$``, quotes, a final full stop) and LaTeX numbers become
    plain text (``\\frac{3}{4}`` -> ``3/4``, ``1.2\\times10^{6}`` -> ``1.2e6``).
 3. **read** (one reader per answer type): :func:`read_number`, :func:`read_yes_no`,
-   :func:`read_choice`, :func:`read_box` and :func:`text_candidates`. A reader returns a
+   :func:`read_choice`, :func:`read_box`, :func:`expression_of` and :func:`text_candidates`
+   (inequalities become intervals: :func:`inequality_to_interval`). A reader returns a
    :class:`Reading`: the value, the exact text it was read from, or why there is none
    (nothing of that type, a hedge such as "either 3 or 5", a negation).
 
@@ -48,7 +49,7 @@ _PHRASE = re.compile(
     r"(?:\b(?:final\s+|correct\s+|right\s+|best\s+|short\s+)?answer(?:\s+to\s+(?:the|this)\s+question)?"
     r"\s*(?:\bis\b|\bwould\s+be\b|\bshould\s+be\b|\bmust\s+be\b|\bwill\s+be\b|:|=)"
     r"|\b(?:final|correct|right|best)\s+(?:option|choice)\s*(?:\bis\b|\bwould\s+be\b|\bshould\s+be\b|:)"
-    r"|\b(?:I|we)\s*(?:would\s+|will\s+|'d\s+|'ll\s+|\u2019d\s+|\u2019ll\s+)?(?:choose|pick|select|go\s+with)\b"
+    r"|\bI\s*(?:would\s+|will\s+|'d\s+|'ll\s+|\u2019d\s+|\u2019ll\s+)?(?:choose|pick|select|go\s+with)\b"
     r"|\bfinal\s+answer[ \t]*(?=\n))",
     re.I,
 )
@@ -149,10 +150,10 @@ _LATEX_SPACING = re.compile(r"\\[,!;: ]|\\quad|\\qquad|\\left|\\right")
 def normalize_span(span: str) -> str:
     """Stage 2: ``span`` without the markup around its answer.
 
-    Removes markdown emphasis, math delimiters (``$...$``, ``\\(...\\)``, ``\\[...\\]``), ``\\text{}``-style
-    wrappers, LaTeX spacing, escaped dollar signs (``\\$12`` -> ``12``), surrounding quotes
-    and a final full stop; rewrites ``\\frac{a}{b}`` as ``a/b``, ``\\%`` as ``%`` and
-    ``a \\times 10^{n}`` as ``aen``. Idempotent.
+    Removes markdown emphasis, math delimiters (``$...$``, ``\\(...\\)``, ``\\[...\\]``),
+    ``\\text{}``-style wrappers, LaTeX spacing, escaped dollar signs (``\\$12`` -> ``12``),
+    surrounding quotes and a final full stop; rewrites a numeric ``\\frac{3}{4}`` as ``3/4``,
+    ``\\%`` as ``%`` and ``a \\times 10^{n}`` as ``aen``. Idempotent.
     """
     if not _MARKUP.search(span):  # the common case: plain text, nothing to remove
         return span.strip().rstrip(". \t\n")
@@ -225,11 +226,14 @@ _HEDGE = re.compile(r"^\s*,?\s*(?:or|and|and/or|or\s+maybe|or\s+possibly|or\s+pe
                     re.I)
 #: A short gap holding "or" ("x = 2 or x = 3", "A (or possibly C)") also makes a hedge.
 _SHORT_OR = re.compile(r"^[^.;!?\n]{0,12}\bor\b[^.;!?\n]{0,12}$", re.I)
-_OPERAND_BEFORE = re.compile(r"(?:[-+*/\u00d7\u00f7^]|\b(?:plus|minus|times|by|over))\s*$", re.I)
+_OPERAND_BEFORE = re.compile(r"\S\s*(?:[-+*/\u00d7\u00f7^]|\b(?:plus|minus|times|(?:divided|multiplied)\s+by|over))\s*$",
+                             re.I)
 _RANGE_GAP = re.compile(r"^\s*(?:and|-)\s*$", re.I)
 _BETWEEN = re.compile(r"\b(?:between|from)\s*$", re.I)
 _BECAUSE = re.compile(r"\b(?:because|since|as)\b|:(?=\s)", re.I)
 _NOT_BEFORE = re.compile(r"\b(?:not|n't|never|isn't|aren't)\s*$", re.I)
+_NOT_AFTER = re.compile(r"\s*(?:(?:is|are)\s+(?:not|wrong|incorrect)\b|isn't\b|aren't\b)", re.I)
+_OPEN_ENDED = re.compile(r"\s*(?:or|and)\s+(?:more|fewer|less|so|above|below)\b", re.I)
 _LIST_MARKER = re.compile(r"(?m)^[ \t]*\d{1,2}[.)][ \t]+")
 
 
@@ -275,10 +279,13 @@ def _pick(text: str, found: Sequence[Candidate[T]], what: str, *, same: Any = No
         if 0 <= j < len(found) and not same(found[j], chosen):
             a, b = sorted((found[j], chosen))
             gap = text[a.end : b.start]
-            if _HEDGE.match(gap) or _SHORT_OR.match(gap) or (_RANGE_GAP.match(gap) and _BETWEEN.search(text[: a.start])):
+            ranged = _RANGE_GAP.match(gap) and _BETWEEN.search(text[: a.start])
+            if _HEDGE.match(gap) or _SHORT_OR.match(gap) or ranged:
                 return Reading(None, text[a.start : b.end], "hedge", f"a hedge between {a.text!r} and {b.text!r}")
-    if _NOT_BEFORE.search(text[: chosen.start]):
+    if _NOT_BEFORE.search(text[: chosen.start]) or _NOT_AFTER.match(text, chosen.end):
         return Reading(None, chosen.text, "negated", f"{chosen.text!r} is negated")
+    if _OPEN_ENDED.match(text, chosen.end):
+        return Reading(None, text[chosen.start :], "hedge", f"{chosen.text!r} is a bound, not a value")
     return Reading(chosen.value, chosen.text, how, at=chosen.start)
 
 
@@ -296,17 +303,17 @@ _NUMBER = re.compile(
     r"(?:(?P<unit>cm|mm|km|kg|mg|ml|lbs?|ft|in|m|g|s|h|hrs?|min|px|\u00b0[CF]?|deg)(?![\w]))?"
     r"(?![\w^\\{(]|\.\d|,\d{3}\b|\s*\^)"
 )
-_UNITS: dict[str, tuple[int, str]] = {}
-for _value, _word in enumerate("zero one two three four five six seven eight nine".split()):
-    _UNITS[_word] = (_value, "unit")
-for _value, _word in enumerate("ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()):
-    _UNITS[_word] = (_value + 10, "teen")
-for _value, _word in zip(range(20, 100, 10), "twenty thirty forty fifty sixty seventy eighty ninety".split()):
-    _UNITS[_word] = (_value, "ten")
-_UNITS["hundred"] = (100, "hundred")
-for _value, _word in ((10**3, "thousand"), (10**6, "million"), (10**9, "billion"), (10**12, "trillion")):
-    _UNITS[_word] = (_value, "scale")
-_UNITS["none"] = (0, "none")
+#: Number words: value and role ("unit", "teen", "ten", "hundred", "scale"; "none" is zero).
+_UNITS: dict[str, tuple[int, str]] = {
+    **{w: (v, "unit") for v, w in enumerate("zero one two three four five six seven eight nine".split())},
+    **{w: (v + 10, "teen") for v, w in enumerate(
+        "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())},
+    **{w: (v, "ten") for v, w in zip(range(20, 100, 10),
+                                      "twenty thirty forty fifty sixty seventy eighty ninety".split())},
+    "hundred": (100, "hundred"),
+    **{w: (v, "scale") for v, w in ((10**3, "thousand"), (10**6, "million"), (10**9, "billion"), (10**12, "trillion"))},
+    "none": (0, "none"),
+}
 _WORD = "|".join(sorted(_UNITS, key=len, reverse=True))
 _NUMBER_WORDS = re.compile(
     rf"\b(?:{_WORD})(?:(?:[\s-]+|,\s*|\s+and\s+)(?:{_WORD}))*\b(?!-)", re.I
@@ -315,8 +322,6 @@ _WORD_TOKEN = re.compile(rf"\b(?:{_WORD}|and)\b|,", re.I)
 _PRONOUN_ONE = re.compile(r"\b(?:the|this|that|which|each|every|any|another|no|a|one)\s+(?:[a-z]+\s+)?$", re.I)
 _NO_AS_ZERO = re.compile(r"\b(?:are|is|has|have|see|contains?|shows?|with)\s+(no)\b(?=\s+[a-z])"
                          r"|((?:\bnot|n't|n\u2019t)\s+(?:any|a\s+single)\b)", re.I)
-#: The number words ``zero`` .. ``twenty`` (kept for callers of the earlier API).
-NUMBER_WORDS: dict[str, int] = {w: v for w, (v, kind) in _UNITS.items() if kind in ("unit", "teen")} | {"twenty": 20}
 
 
 def _fraction(match: re.Match[str]) -> Fraction | None:
@@ -430,7 +435,8 @@ def find_numbers(text: str) -> list[float]:
 
 
 _WHOLE_NUMBER_PREFIX = re.compile(r"^(?:[a-zA-Z]\s*=|=|\u2248|~|approximately|about|around|roughly)\s*", re.I)
-_TRAILING_WORDS = re.compile(r"^(?:\s+[A-Za-z][A-Za-z\s]*|\s*%)?$")
+#: Words after a number that leave it the whole answer ("12 apples"), unless they negate or hedge it.
+_TRAILING_WORDS = re.compile(r"^(?!.*\b(?:not|no|never|wrong|incorrect|or)\b)(?:\s+[A-Za-z][A-Za-z\s]*|\s*%)?$", re.I)
 
 
 def parse_number(span: str) -> Fraction | None:
@@ -502,7 +508,7 @@ def format_exact(value: Fraction) -> str:
 
 YES_WORDS = frozenset({"yes", "yeah", "yep", "yup", "true"})
 NO_WORDS = frozenset({"no", "nope", "false"})
-_YES_NO = re.compile(r"(?<![\w'])(yes|yeah|yep|yup|no|nope)(?![\w'])", re.I)
+_YES_NO = re.compile(r"(?<![\w'])(yes|yeah|yep|yup|true|no|nope|false)(?![\w'])", re.I)
 _YES_NO_END = re.compile(r"\s*(?:[.,!;:)]|$)")
 
 
@@ -704,7 +710,7 @@ def read_box(span: str, response: str | None = None) -> Reading[Box]:
     ``x, y, width, height``) or four plain numbers. Falls back to ``response`` when the span
     has no box. Several different boxes read as no answer (ambiguous).
     """
-    for text in (span, response) if response is not None else (span,):
+    for text in (span, strip_think(response)) if response is not None else (span,):
         found = _boxes(text)
         if found:
             distinct = list(dict.fromkeys(c.value for c in found))
@@ -717,3 +723,78 @@ def read_box(span: str, response: str | None = None) -> Reading[Box]:
 def parse_box(text: str) -> Box | None:
     """The box a whole response answers with (stages 1-3), or None."""
     return read_box(extract_answer(text).text, text).value
+
+# ----------------------------------------------------------------------------- math expressions
+
+_ENGLISH_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}(?![A-Za-z])")
+_MATH_NAMES = frozenset({"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sqrt", "pi", "infty", "inf",
+                         "frac", "dfrac", "tfrac", "cdot", "times", "le", "leq", "ge", "geq", "lt", "gt", "circ",
+                         "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "max", "min", "mod"})
+_DELIMITED_SEGMENT = re.compile(r"\$\$?([^$]+?)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+_INEQUALITY = re.compile(r"(<=|>=|\\leq?\b|\\geq?\b|\\lt\b|\\gt\b|\u2264|\u2265|<|>)")
+_LESS = {"<": False, "\\lt": False, "<=": True, "\\le": True, "\\leq": True, "\u2264": True}
+_GREATER = {">": False, "\\gt": False, ">=": True, "\\ge": True, "\\geq": True, "\u2265": True}
+
+
+def _words(text: str) -> list[re.Match[str]]:
+    """English words in ``text`` (not LaTeX commands or function names)."""
+    return [m for m in _ENGLISH_WORD.finditer(text) if m.group().lower() not in _MATH_NAMES]
+
+
+def expression_of(span: str, *, marked: bool) -> Reading[str]:
+    """The math expression a span answers with (stage 3 for ``math``).
+
+    The last ``$...$`` (or ``\\(...\\)``) segment if there is one; else the span if it has no
+    words; else the expression that opens a marked span, or the last one between words.
+    Two expressions joined by "or" are a hedge.
+    """
+    segments = [next(g for g in m.groups() if g is not None) for m in _DELIMITED_SEGMENT.finditer(span)]
+    if segments:
+        return Reading(segments[-1].strip(), segments[-1].strip(), "only")
+    s = normalize_span(span)
+    words = _words(s)
+    if not words:
+        return Reading(s, s, "whole") if s else Reading(None, note="an empty answer")
+    pieces, start = [], 0
+    for word in [*words, None]:
+        end = word.start() if word is not None else len(s)
+        piece = s[start:end].strip(" \t\n.,;:")
+        if piece and (re.search(r"[\d\\]", piece) or re.fullmatch(r"[A-Za-z]", piece)):
+            pieces.append((start, piece, word.group().lower() if word is not None else ""))
+        start = word.end() if word is not None else len(s)
+    if not pieces:
+        return Reading(None, note="no expression in the answer")
+    if any(after == "or" for _, _, after in pieces[:-1]):
+        return Reading(None, s, "hedge", "expressions joined by 'or'")
+    first_start, first, _ = pieces[0]
+    if marked and not s[:first_start].strip():
+        return Reading(first, first, "head")
+    return Reading(pieces[-1][1], pieces[-1][1], "last")
+
+
+def right_hand_side(expr: str) -> str:
+    """The right-hand side of the last ``=`` (``x = 3\\sqrt{2}`` -> ``3\\sqrt{2}``)."""
+    parts = re.split(r"(?<![<>!\\])=(?!=)", expr)
+    return parts[-1].strip() if len(parts) > 1 and parts[-1].strip() else expr.strip()
+
+
+def inequality_to_interval(expr: str) -> str:
+    """``2 < x \\le 5`` -> ``(2, 5]``, ``x > 2`` -> ``(2, \\infty)``; anything else unchanged."""
+    parts = [p.strip() for p in _INEQUALITY.split(expr)]
+    if len(parts) not in (3, 5):
+        return expr
+    terms, ops = parts[0::2], parts[1::2]
+    if all(op in _GREATER for op in ops):
+        terms, ops = terms[::-1], [{">": "<", "\\gt": "<", "\u2265": "<="}.get(op, "<=") for op in ops[::-1]]
+    if not all(op in _LESS for op in ops):
+        return expr
+    closed = [_LESS[op] for op in ops]
+    if len(terms) == 3 and re.fullmatch(r"[A-Za-z]", terms[1]):
+        lo, hi, lo_closed, hi_closed = terms[0], terms[2], closed[0], closed[1]
+    elif len(terms) == 2 and re.fullmatch(r"[A-Za-z]", terms[0]):
+        lo, hi, lo_closed, hi_closed = "-\\infty", terms[1], False, closed[0]
+    elif len(terms) == 2 and re.fullmatch(r"[A-Za-z]", terms[1]):
+        lo, hi, lo_closed, hi_closed = terms[0], "\\infty", closed[0], False
+    else:
+        return expr
+    return f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"

@@ -7,7 +7,8 @@
 1. **extract** the answer span (:func:`~vlm_probe.evaluation.answers.extract_answer`);
 2. **normalise** it (:func:`~vlm_probe.evaluation.answers.normalize_span`);
 3. **read** a value of the answer's kind from it (``read_number``, ``read_yes_no``,
-   ``read_choice``, ``read_box``, ``text_candidates`` in :mod:`~vlm_probe.evaluation.answers`);
+   ``read_choice``, ``read_box``, ``expression_of``, ``text_candidates`` in
+   :mod:`~vlm_probe.evaluation.answers`); no value, a hedge or a negation decide here;
 4. **compare** by kind, the kind coming from the gold value (:func:`infer_kind`):
 
    * ``choice``: the option index;
@@ -45,7 +46,9 @@ from .answers import (
     Reading,
     _norm_words,
     extract_answer,
+    expression_of,
     format_exact,
+    inequality_to_interval,
     normalize_span,
     parse_number,
     parse_yes_no,
@@ -53,6 +56,7 @@ from .answers import (
     read_choice,
     read_number,
     read_yes_no,
+    right_hand_side,
     text_candidates,
 )
 
@@ -68,14 +72,6 @@ REAL_REL_TOL = 1e-6
 REAL_ABS_TOL = 1e-9
 
 _MATHY = re.compile(r"[\\^_{}=+\-*/()<>\d]")
-_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}(?![A-Za-z])")
-_MATH_NAMES = frozenset({"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sqrt", "pi", "infty", "inf",
-                         "frac", "dfrac", "tfrac", "cdot", "times", "le", "leq", "ge", "geq", "lt", "gt", "circ",
-                         "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "max", "min", "mod"})
-_DELIMITED_SEGMENT = re.compile(r"\$\$?([^$]+?)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
-_INEQUALITY = re.compile(r"(<=|>=|\\leq?\b|\\geq?\b|\\lt\b|\\gt\b|\u2264|\u2265|<|>)")
-_LESS = {"<": False, "\\lt": False, "<=": True, "\\le": True, "\\leq": True, "\u2264": True}
-_GREATER = {">": False, "\\gt": False, ">=": True, "\\ge": True, "\\geq": True, "\u2265": True}
 
 
 @dataclass(frozen=True)
@@ -225,70 +221,6 @@ def math_equal(*, prediction: str, gold: str, timeout_s: int = 5) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
 
 
-def _words(text: str) -> list[re.Match[str]]:
-    """English words in ``text`` (not LaTeX commands or function names)."""
-    return [m for m in _WORD.finditer(text) if m.group().lower() not in _MATH_NAMES]
-
-
-def expression_of(span: str, *, marked: bool) -> Reading[str]:
-    """The math expression a span answers with (stage 3 for ``math``).
-
-    The last ``$...$`` (or ``\\(...\\)``) segment if there is one; else the span if it has no
-    words; else the expression that opens a marked span, or the last one between words.
-    Two expressions joined by "or" are a hedge.
-    """
-    segments = [next(g for g in m.groups() if g is not None) for m in _DELIMITED_SEGMENT.finditer(span)]
-    if segments:
-        return Reading(segments[-1].strip(), segments[-1].strip(), "only")
-    s = normalize_span(span)
-    words = _words(s)
-    if not words:
-        return Reading(s, s, "whole") if s else Reading(None, note="an empty answer")
-    pieces, start = [], 0
-    for word in [*words, None]:
-        end = word.start() if word is not None else len(s)
-        piece = s[start:end].strip(" \t\n.,;:")
-        if piece and (re.search(r"[\d\\]", piece) or re.fullmatch(r"[A-Za-z]", piece)):
-            pieces.append((start, piece, word.group().lower() if word is not None else ""))
-        start = word.end() if word is not None else len(s)
-    if not pieces:
-        return Reading(None, note="no expression in the answer")
-    if any(after == "or" for _, _, after in pieces[:-1]):
-        return Reading(None, s, "hedge", "expressions joined by 'or'")
-    first_start, first, _ = pieces[0]
-    if marked and not s[:first_start].strip():
-        return Reading(first, first, "head")
-    return Reading(pieces[-1][1], pieces[-1][1], "last")
-
-
-def _rhs(expr: str) -> str:
-    """The right-hand side of the last ``=`` (``x = 3\\sqrt{2}`` -> ``3\\sqrt{2}``)."""
-    parts = re.split(r"(?<![<>!\\])=(?!=)", expr)
-    return parts[-1].strip() if len(parts) > 1 and parts[-1].strip() else expr.strip()
-
-
-def inequality_to_interval(expr: str) -> str:
-    """``2 < x \\le 5`` -> ``(2, 5]``, ``x > 2`` -> ``(2, \\infty)``; anything else unchanged."""
-    parts = [p.strip() for p in _INEQUALITY.split(expr)]
-    if len(parts) not in (3, 5):
-        return expr
-    terms, ops = parts[0::2], parts[1::2]
-    if all(op in _GREATER for op in ops):
-        terms, ops = terms[::-1], [{">": "<", "\\gt": "<", "\u2265": "<="}.get(op, "<=") for op in ops[::-1]]
-    if not all(op in _LESS for op in ops):
-        return expr
-    closed = [_LESS[op] for op in ops]
-    if len(terms) == 3 and re.fullmatch(r"[A-Za-z]", terms[1]):
-        lo, hi, lo_closed, hi_closed = terms[0], terms[2], closed[0], closed[1]
-    elif len(terms) == 2 and re.fullmatch(r"[A-Za-z]", terms[0]):
-        lo, hi, lo_closed, hi_closed = "-\\infty", terms[1], False, closed[0]
-    elif len(terms) == 2 and re.fullmatch(r"[A-Za-z]", terms[1]):
-        lo, hi, lo_closed, hi_closed = terms[0], "\\infty", closed[0], False
-    else:
-        return expr
-    return f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
-
-
 # ----------------------------------------------------------------------------- the pipeline
 
 
@@ -329,7 +261,7 @@ def _compare_number(extraction: Extraction, gold: Any, kind: str, options: _Opti
             expression = expression_of(extraction.text, marked=extraction.marked)
             if expression.value is not None and _MATHY.search(expression.value) and re.search(
                     r"[\\^+\-*/]|\d\s*\(", expression.value):
-                ok = math_equal(prediction=_rhs(expression.value), gold=expected)
+                ok = math_equal(prediction=right_hand_side(expression.value), gold=expected)
                 return _verdict(extraction, kind, correct=ok, method="math", stage="compare",
                                 reason=f"math-verify (gold first) says {expression.value!r} "
                                        f"{'equals' if ok else 'differs from'} {expected}",
@@ -416,11 +348,11 @@ def _compare_math(extraction: Extraction, gold: Any, options: _Options) -> Grade
     gold_text = str(gold).strip()
     if not gold_text:
         raise GradingError("An empty gold answer cannot be graded.")
-    expected = inequality_to_interval(_rhs(normalize_span(gold_text)))
+    expected = inequality_to_interval(right_hand_side(normalize_span(gold_text)))
     reading = expression_of(extraction.text, marked=extraction.marked)
     if reading.value is None:
         return _unread(extraction, "math", reading, expected)
-    predicted = inequality_to_interval(_rhs(normalize_span(reading.value)))
+    predicted = inequality_to_interval(right_hand_side(normalize_span(reading.value)))
     if predicted.replace(" ", "") == expected.replace(" ", ""):
         return _verdict(extraction, "math", correct=True, method="math", stage="compare",
                         reason=f"{predicted!r} is the gold {expected!r} as written", predicted=predicted,
