@@ -453,3 +453,14 @@ def test_the_module_keeps_no_state_between_calls() -> None:
     assert grade("The answer is 7 .", "7") == first
     assert not [name for name, value in vars(answers).items() if isinstance(value, (list, dict, set))
                 and not name.isupper() and not name.startswith("_")]
+
+
+def test_runaway_generations_are_graded_quickly() -> None:
+    """Degenerate outputs (unclosed boxes repeated, endless sums) stay linear and never reach math-verify."""
+    import time
+
+    for response in ("\\boxed{" * 3000 + "5", "+".join(["2"] * 3000), "(" * 5000 + "3" + " 1" * 3000):
+        start = time.perf_counter()
+        verdict = grade(response, "7")
+        assert time.perf_counter() - start < 2.0 and not verdict.correct, verdict.reason[:80]
+    assert expression_of("+".join(["x"] * 200), marked=True).value is None

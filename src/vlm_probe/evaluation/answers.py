@@ -44,6 +44,7 @@ _EMPHASIS = re.compile(r"\*\*|__|(?<![\w*])\*(?=\S)|(?<=\S)\*(?![\w*])|`")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
 _OPEN_ANSWER_TAG = re.compile(r"<answer>(.*)$", re.S | re.I)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE = re.compile(r"[{}]")
 #: The phrases that introduce a final answer; the last one in a response wins.
 _PHRASE = re.compile(
     r"(?:\b(?:final\s+|correct\s+|right\s+|best\s+|short\s+)?answer(?:\s+to\s+(?:the|this)\s+question)?"
@@ -71,13 +72,19 @@ class Extraction:
 
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces handled; None if absent."""
-    for match in reversed(list(_BOXED.finditer(text))):
-        depth, i = 1, match.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[match.end() : i - 1].strip()
+    starts = [m.end() - 1 for m in _BOXED.finditer(text)]  # the position of each box's "{"
+    if not starts:
+        return None
+    closing: dict[int, int] = {}
+    stack: list[int] = []
+    for brace in _BRACE.finditer(text, starts[0]):  # one pass: linear even for many unclosed boxes
+        if brace.group() == "{":
+            stack.append(brace.start())
+        elif stack:
+            closing[stack.pop()] = brace.start()
+    for start in reversed(starts):
+        if start in closing:
+            return text[start + 1 : closing[start]].strip()
     return None
 
 
@@ -741,13 +748,25 @@ def _words(text: str) -> list[re.Match[str]]:
     return [m for m in _ENGLISH_WORD.finditer(text) if m.group().lower() not in _MATH_NAMES]
 
 
+#: Longer "expressions" are runaway generations, not answers, and are never sent to math-verify.
+MAX_EXPRESSION_CHARS = 300
+
+
 def expression_of(span: str, *, marked: bool) -> Reading[str]:
     """The math expression a span answers with (stage 3 for ``math``).
 
     The last ``$...$`` (or ``\\(...\\)``) segment if there is one; else the span if it has no
     words; else the expression that opens a marked span, or the last one between words.
-    Two expressions joined by "or" are a hedge.
+    Two expressions joined by "or" are a hedge; one longer than :data:`MAX_EXPRESSION_CHARS`
+    is no answer.
     """
+    reading = _expression_of(span, marked=marked)
+    if reading.value is not None and len(reading.value) > MAX_EXPRESSION_CHARS:
+        return Reading(None, how="none", note=f"an expression of {len(reading.value)} characters is not an answer")
+    return reading
+
+
+def _expression_of(span: str, *, marked: bool) -> Reading[str]:
     segments = [next(g for g in m.groups() if g is not None) for m in _DELIMITED_SEGMENT.finditer(span)]
     if segments:
         return Reading(segments[-1].strip(), segments[-1].strip(), "only")
