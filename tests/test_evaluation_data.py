@@ -197,3 +197,91 @@ def test_missing_fields_are_named(tmp_path) -> None:
     path.write_text(json.dumps({"id": 1, "question": "q", "image": "x.png"}) + "\n")
     with pytest.raises(DatasetError, match=r"missing field\(s\) \['answer'\]"):
         load_vqa(path)
+
+
+def _swap_root(tmp_path: Path, tasks=("alpha", "beta"), n: int = 3, broken: str | None = None) -> Path:
+    """A swap-pair root with ``n`` pairs per task; ``broken`` names a pair whose target image is not an image."""
+    root = tmp_path / "pairs"
+    for task in tasks:
+        folder = root / task
+        (folder / "images").mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            pid = f"{task}_{i}"
+            _write_image(folder / "images" / f"{pid}_t.png", color=(i, 0, 0))
+            _write_image(folder / "images" / f"{pid}_s.png", color=(0, i, 0))
+            if pid == broken:
+                (folder / "images" / f"{pid}_t.png").write_text("not an image")
+            lines.append({"id": pid, "task": task, "target_image": f"images/{pid}_t.png",
+                          "source_image": f"images/{pid}_s.png", "prompt": "<image>How many?",
+                          "meta": {"target_answer": str(i), "source_answer": str(i + 10)}})
+        (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return root
+
+
+def test_limit_counts_items_not_items_per_task(tmp_path) -> None:
+    root = _swap_root(tmp_path)
+    assert [p.id for p in load_swap_pairs(root, limit=4)] == ["alpha_0", "alpha_1", "alpha_2", "beta_0"]
+    assert [p.id for p in load_dataset(root, limit=4)] == ["alpha_0", "alpha_1", "alpha_2", "beta_0"]
+    assert [p.id for p in load_swap_pairs(root, per_task=1)] == ["alpha_0", "beta_0"]
+    assert [p.id for p in load_swap_pairs(root, tasks=["beta"], limit=2)] == ["beta_0", "beta_1"]
+    assert len(load_swap_pairs(root)) == 6
+    with pytest.raises(DatasetError, match="no pairs of the tasks \\['gamma'\\].*tasks present: \\['alpha', 'beta'\\]"):
+        load_swap_pairs(root, tasks=["gamma"])
+    with pytest.raises(DatasetError, match="limit must be a positive number"):
+        load_swap_pairs(root, limit=0)
+
+
+def test_failure_reasons_hold_no_memory_address(tmp_path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "bad.png").write_text("this is not a png")
+    path = tmp_path / "v.jsonl"
+    path.write_text(json.dumps({"id": "x", "question": "q", "image": "images/bad.png", "answer": "1"}) + "\n")
+    reasons = [load_vqa(path).failures[0].reason for _ in range(2)]
+    assert reasons[0] == reasons[1] and "0x" not in reasons[0], reasons
+    assert reasons[0] == f"image: {images / 'bad.png'}: UnidentifiedImageError: cannot identify image file (image data)"
+    with pytest.raises(ImageLoadError) as caught:
+        validate_image(b"not an image")
+    assert "0x" not in str(caught.value) and "cannot identify image file" in str(caught.value)
+
+
+def test_swap_pair_failures_keep_both_answers(tmp_path) -> None:
+    pairs = load_swap_pairs(_swap_root(tmp_path, tasks=("alpha",), broken="alpha_1"))
+    assert [p.id for p in pairs] == ["alpha_0", "alpha_2"]
+    failure = pairs.failures[0]
+    assert failure.id == "alpha_1" and failure.reason.startswith("target_image: ")
+    assert (failure.answer("target"), failure.answer("source")) == ("1", "11")
+
+
+@pytest.mark.parametrize(
+    "content,loaders",
+    [("", ("load_vqa", "load_text", "load_swap_pairs", "load_dataset")),
+     ("\n\n", ("load_vqa", "load_text", "load_dataset"))],
+)
+def test_empty_files_raise_in_every_loader(tmp_path, content, loaders) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    functions = {"load_vqa": load_vqa, "load_text": load_text, "load_swap_pairs": load_swap_pairs,
+                 "load_dataset": load_dataset}
+    for name in loaders:
+        with pytest.raises(DatasetError, match="holds no items"):
+            functions[name](path)
+    with pytest.raises(DatasetError, match="source holds no items"):
+        load_vqa(iter([]))
+
+
+def test_loaders_refuse_another_layout(tmp_path) -> None:
+    vqa = _vqa_file(tmp_path)
+    with pytest.raises(DatasetError, match="these are VQA items.*use load_vqa.*'text' condition"):
+        load_text(vqa)
+    with pytest.raises(DatasetError, match="these are VQA items.*use load_vqa"):
+        load_swap_pairs(vqa)
+    pairs = _swap_root(tmp_path, tasks=("alpha",)) / "alpha" / "data.jsonl"
+    with pytest.raises(DatasetError, match="these are swap pairs.*use load_swap_pairs"):
+        load_vqa(pairs)
+    with pytest.raises(DatasetError, match="these are swap pairs"):
+        load_text(pairs)
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"id": 1, "question": "q", "answer": "1", "image": None}) + "\n")
+    assert len(load_text(text)) == 1  # an empty image field is no image

@@ -96,8 +96,16 @@ def test_fine_grained_metrics_from_runs_with_failures() -> None:
     assert result.transitions("M_v2r").as_dict() == {"both": 1, "a_only": 1, "b_only": 0, "neither": 1}
     # M_rea: 2 of 3 that ran
     assert frame.loc["M_rea", "value"] == pytest.approx(2 / 3) and frame.loc["M_rea", "excluded"] == 1
-    assert frame.loc["accuracy:general:image", "value"] == pytest.approx(4 / 5)
+    # the accuracies next to M_vis count its items only (q0..q3): q5, run under image alone, is not one of them
+    assert frame.loc["accuracy:general:image", "value"] == pytest.approx(3 / 4)
     assert frame.loc["accuracy:general:blank", "value"] == pytest.approx(2 / 4)
+    general_rows = frame.loc[["M_vis", "accuracy:general:image", "accuracy:general:blank"]]
+    assert general_rows["n"].tolist() == [4, 4, 4] and general_rows["excluded"].tolist() == [2, 2, 2]
+    assert set(general_rows["population"]) == {"items run under both image and blank"}
+    table = result.transitions("M_vis")
+    assert frame.loc["accuracy:general:image", "value"] == pytest.approx(table.a_accuracy)
+    assert frame.loc["accuracy:general:blank", "value"] == pytest.approx(table.b_accuracy)
+    assert frame.loc["M_rea", "population"] == "items run under text"
     assert (frame["low"] <= frame["value"]).all() and (frame["value"] <= frame["high"]).all()
     headline = result.metrics()
     assert list(headline["metric"]) == ["M_vis", "M_v2r", "M_rea"]

@@ -316,3 +316,71 @@ def test_ungradable_gold_answers_become_item_errors(qwen) -> None:
     assert rows[0]["correct"] is True and rows[0]["status"] == "ok"
     assert rows[1]["status"] == "error" and rows[1]["error"].startswith("grading: The gold answer 'purple'")
     assert rows[1]["response"] == "A" and stats.failed == 1 and stats.generated == 1
+
+
+def test_failure_rows_are_read_back_on_resume(tmp_path, qwen, zoo) -> None:
+    data = _dataset(tmp_path, zoo("qwen2_5_vl"), n=3)
+    (tmp_path / "data" / "img" / "junk.png").write_text("not an image")  # PIL's message holds an address
+    lines = (tmp_path / "data" / "vqa.jsonl").read_text()
+    (tmp_path / "data" / "vqa.jsonl").write_text(
+        lines + json.dumps({"id": "junk", "question": "count", "image": "img/junk.png", "answer": "2"}) + "\n")
+
+    def fake(batch):
+        return ["The answer is 1."] * len(batch)
+
+    fake.settings = {"generator": "fake"}
+    first = evaluate(qwen, data, out=tmp_path / "run", generate=fake, quiet=True)
+    again = evaluate(qwen, data, out=tmp_path / "run", generate=fake, quiet=True)  # a fresh load, resumed
+    pd.testing.assert_frame_equal(first.to_frame(), again.to_frame())
+    assert not first.failures()["error"].str.contains("0x").any()
+    log = tmp_path / "run" / "rows" / "image.jsonl"
+    rows = [json.loads(line) for line in _lines(log)]
+    assert [r["id"] for r in rows if r["status"] == "error"] == ["broken", "junk"]
+    for row in rows:  # what the log says is what a resumed run shows
+        if row["id"] == "junk":
+            row["error"] = "image: as logged by the first process"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resumed = evaluate(qwen, data, out=tmp_path / "run", generate=fake, quiet=True)
+    assert resumed.failures().set_index("id").loc["junk", "error"] == "image: as logged by the first process"
+    assert len(_lines(log)) == len(rows), "logged failure rows were appended again"
+
+
+def test_swap_pair_failure_rows_carry_their_answers(tmp_path, qwen, zoo) -> None:
+    tv = zoo("qwen2_5_vl")
+    folder = tmp_path / "pairs" / "counting"
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for i in range(3):
+        tv.image(i, (32, 32)).save(folder / "images" / f"{i}_t.png")
+        tv.image(i + 3, (32, 32)).save(folder / "images" / f"{i}_s.png")
+        records.append({"id": f"p{i}", "task": "counting", "target_image": f"images/{i}_t.png",
+                        "source_image": f"images/{i}_s.png", "prompt": "<image>How many?",
+                        "meta": {"target_answer": str(i), "source_answer": str(i + 5)}})
+    (folder / "images" / "1_t.png").write_text("broken")
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = evaluate(qwen, tmp_path / "pairs", conditions=["target", "source"],
+                   generate=lambda batch: ["0"] * len(batch), quiet=True)
+    failed = run.frame[run.frame["status"] == "error"].set_index("condition")
+    assert failed["id"].tolist() == ["p1", "p1"]
+    assert (failed.loc["target", "answer"], failed.loc["source", "answer"]) == ("1", "6")
+    assert run.frame.set_index(["condition", "id"]).loc[("target", "p0"), "correct"]
+
+
+def test_eval_command_quiet_hides_the_loading_bar(tmp_path, saved_model, zoo, capfd) -> None:
+    from vlm_probe.commands.common import hf_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    data = _dataset(tmp_path, zoo("qwen2_5_vl"), n=1, broken=False)
+    parser = argparse.ArgumentParser(prog="vlm-probe")
+    register(parser.add_subparsers(dest="command"))
+    base = ["eval", str(saved_model), "--data", str(data), "--max-new-tokens", "2"]
+    with hf_progress_bars(True):  # the session turned them off; a user's shell has them on
+        args = parser.parse_args(base)
+        assert args.func(args) == 0
+        loud = capfd.readouterr().err
+        args = parser.parse_args([*base, "-q"])
+        assert args.func(args) == 0
+        quiet = capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled(), "-q must not switch the bars off for the rest of the process"
+    assert "Loading weights" in loud, "the test would prove nothing: no loading bar without -q"
+    assert "Loading weights" not in quiet and "it/s" not in quiet, quiet[-500:]

@@ -56,3 +56,7 @@ class DatasetError(VLMProbeError):
 
 class MergePlanError(VLMProbeError):
     """An invalid merge or freezing plan."""
+
+
+class GradingError(VLMProbeError, ValueError):
+    """A gold answer (or grading option) that cannot be graded as asked."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +28,29 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"dtype": args.dtype, "device_map": device_map, "attn_implementation": args.attn_implementation}
 
 
-def load_model(path: str, args: argparse.Namespace) -> Any:
-    import transformers
+@contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (weight loading, ...) on or off for the block, restored after."""
+    from transformers.utils import logging as hf_logging
 
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
+def load_model(path: str, args: argparse.Namespace) -> Any:
+    """``load(path)`` with the command's model options; ``-q`` silences transformers' loading bar."""
     from ..model.loading import load
 
-    if args.quiet:
-        transformers.utils.logging.disable_progress_bar()
     if not Path(path).exists() and "/" not in path:
         raise InputError(f"{path} is neither a checkpoint directory nor a hub id (org/name).")
-    return load(path, **model_options(args))
+    if not args.quiet:
+        return load(path, **model_options(args))
+    with hf_progress_bars(False):
+        return load(path, **model_options(args))
 
 
 def parse_layers(text: str | None) -> list[int] | None:

@@ -6,7 +6,21 @@
     fine_grained_metrics(general=run).metrics()     # M_vis with its 2x2 transitions
 """
 
-from .answers import extract_answer, extract_choice, last_boxed, parse_box, parse_number
+from .answers import (
+    Extraction,
+    Reading,
+    extract_answer,
+    extract_choice,
+    last_boxed,
+    normalize_span,
+    parse_box,
+    parse_number,
+    read_box,
+    read_choice,
+    read_number,
+    read_yes_no,
+    text_candidates,
+)
 from .conditions import CONDITIONS, PromptFormat, Request, build_requests
 from .datasets import (
     BlankImage,
@@ -24,7 +38,7 @@ from .datasets import (
     validate_image,
 )
 from .generation import Generation, GreedyGenerator, generation_defaults, greedy_config
-from .grading import Grade, box_iou, grade, math_equal, numbers_close
+from .grading import Grade, box_iou, grade, infer_kind, math_equal, numbers_close, text_equal
 from .metrics import FineGrained, Transition, fine_grained_metrics, m_rea, m_v2r, m_vis, transition_table
 from .runner import EvalRun, Grading, RunStats, evaluate, run_requests
 from .suite import evaluate_fine_grained
@@ -34,6 +48,7 @@ __all__ = [
     "BlankImage",
     "EvalDataset",
     "EvalRun",
+    "Extraction",
     "FineGrained",
     "Generation",
     "Grade",
@@ -43,6 +58,7 @@ __all__ = [
     "ImageRef",
     "LoadFailure",
     "PromptFormat",
+    "Reading",
     "Request",
     "RunStats",
     "SwapPair",
@@ -59,6 +75,7 @@ __all__ = [
     "generation_defaults",
     "grade",
     "greedy_config",
+    "infer_kind",
     "last_boxed",
     "load_dataset",
     "load_swap_pairs",
@@ -68,10 +85,17 @@ __all__ = [
     "m_v2r",
     "m_vis",
     "math_equal",
+    "normalize_span",
     "numbers_close",
     "parse_box",
     "parse_number",
+    "read_box",
+    "read_choice",
+    "read_number",
+    "read_yes_no",
     "run_requests",
+    "text_candidates",
+    "text_equal",
     "transition_table",
     "validate_image",
 ]

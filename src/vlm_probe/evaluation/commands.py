@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..commands.common import add_model_options, model_options
+from ..commands.common import add_model_options, load_model
 
 EXAMPLE = """\
 example:
@@ -38,7 +38,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--instruction", help="text appended after every question, e.g. 'Answer with a number.'")
-    parser.add_argument("--limit", type=int, metavar="N", help="only the first N items")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="only the first N items (in all: a swap-pair root's tasks are read in name order)")
     parser.add_argument("--by", default="condition", help="group accuracies by this column (category, task, ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out with other settings")
@@ -48,14 +49,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import vlm_probe
-
     from .conditions import PromptFormat
     from .datasets import load_dataset
     from .runner import evaluate
 
-    dataset = load_dataset(args.data, limit=args.limit)
-    vlm = vlm_probe.load(args.model, **model_options(args))
+    dataset = load_dataset(args.data, limit=args.limit)  # bad data fails before the model loads
+    vlm = load_model(args.model, args)
     result = evaluate(
         vlm, dataset, conditions=args.conditions, out=args.out, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, system=args.system, prompt=PromptFormat(instruction=args.instruction),

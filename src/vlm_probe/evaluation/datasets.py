@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,16 @@ _NOT_ANSWERS = ("image", "index", "path", "size")
 
 class ImageLoadError(DatasetError):
     """An image that cannot be read (missing, unreadable or truncated)."""
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>|\s+at 0x[0-9a-fA-F]+")
+
+
+def describe_error(error: BaseException) -> str:
+    """``"<Type>: <message>"`` without memory addresses, so that a failure reason is the same in
+    every process (PIL writes ``<_io.BytesIO object at 0x7f...>`` into its messages)."""
+    message = _OBJECT_REPR.sub(lambda m: "(image data)" if m.group().startswith("<") else "", str(error))
+    return f"{type(error).__name__}: {message}"
 
 
 # ----------------------------------------------------------------------------- images
@@ -71,7 +82,7 @@ class ImageRef:
                     handle.load()
                     img = handle.copy()
             except (OSError, SyntaxError, ValueError) as error:
-                raise ImageLoadError(f"{self.path}: {type(error).__name__}: {error}") from error
+                raise ImageLoadError(f"{self.path}: {describe_error(error)}") from error
         return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -127,7 +138,7 @@ def validate_image(source: str | os.PathLike | Image.Image | bytes | Mapping[str
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
-        raise ImageLoadError(f"{where}{type(error).__name__}: {error}") from error
+        raise ImageLoadError(f"{where}{describe_error(error)}") from error
 
 
 # ----------------------------------------------------------------------------- items
@@ -207,12 +218,21 @@ class SwapPair:
 
 @dataclass(frozen=True)
 class LoadFailure:
-    """An item that could not be loaded, with the reason (kept so runs can record it)."""
+    """An item that could not be loaded, with the reason (kept so runs can record it).
+
+    ``answers`` maps a condition to the gold answer a run would have graded under it (a swap
+    pair's ``target`` and ``source`` answers); items with one answer keep it in ``record``.
+    """
 
     id: str
     index: int
     reason: str
     record: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    answers: Mapping[str, Any] = field(default_factory=dict)
+
+    def answer(self, condition: str) -> Any:
+        """The gold answer under ``condition`` (None if the record has none)."""
+        return self.answers.get(condition, self.record.get("answer"))
 
 
 Item = TypeVar("Item", VQAItem, TextItem, SwapPair)
@@ -315,9 +335,17 @@ def _rename(record: Mapping[str, Any], columns: Mapping[str, str] | None) -> dic
     return out
 
 
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DatasetError(f"limit must be a positive number of items (or None for all), got {limit!r}.")
+
+
 def _records(
-    source: str | os.PathLike | Iterable[Mapping[str, Any]], columns: Mapping[str, str] | None, limit: int | None
+    source: str | os.PathLike | Iterable[Mapping[str, Any]], columns: Mapping[str, str] | None, limit: int | None,
+    loader: str,
 ) -> tuple[list[dict[str, Any]], Path | None, str]:
+    """The (renamed) records of a source; an empty source or one in another layout raises."""
+    _check_limit(limit)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         raw = read_jsonl(path)
@@ -328,12 +356,34 @@ def _records(
             raw.append(dict(record))
             if limit is not None and len(raw) >= limit:
                 break
+    if not raw:
+        raise DatasetError(f"{name}: the {'file' if path is not None else 'source'} holds no items.")
     records = [_rename(r, columns) for r in raw[: limit if limit is not None else None]]
+    _check_layout(records[0], loader, name)
     for i, record in enumerate(records):
         record.setdefault("id", str(i))
         record["id"] = str(record["id"])
     _check_unique([r["id"] for r in records], name)
     return records, path, name
+
+
+_LOADERS = {"swap": "load_swap_pairs", "vqa": "load_vqa", "text": "load_text"}
+
+
+def _check_layout(record: Mapping[str, Any], loader: str, name: str) -> None:
+    """Refuse records of another layout (``load_text`` on VQA items would drop their images)."""
+    if "target_image" in record and "source_image" in record:
+        found = "swap"
+    elif record.get("image") is not None:
+        found = "vqa"
+    else:
+        return
+    if _LOADERS[found] != loader:
+        hint = " (VQA items take the 'text' condition to be asked without their images)" if found == "vqa" else ""
+        raise DatasetError(
+            f"{name}: these are {'swap pairs' if found == 'swap' else 'VQA items'} (fields {sorted(record)}), "
+            f"which {loader} would not read whole; use {_LOADERS[found]} or load_dataset{hint}."
+        )
 
 
 def _fingerprint(records: list[dict[str, Any]], images: Iterable[ImageRef]) -> str:
@@ -375,7 +425,7 @@ def load_vqa(
             "image": "decoded_image"}``.
         limit: keep only the first ``limit`` records.
     """
-    records, path, name = _records(source, columns, limit)
+    records, path, name = _records(source, columns, limit, "load_vqa")
     base = path.parent if path is not None else None
     items, failures = [], []
     for index, record in enumerate(records):
@@ -402,8 +452,13 @@ def load_text(
     columns: Mapping[str, str] | None = None,
     limit: int | None = None,
 ) -> EvalDataset[TextItem]:
-    """Load text-only reasoning items (``id, question, answer``, optional ``category``)."""
-    records, _, name = _records(source, columns, limit)
+    """Load text-only reasoning items (``id, question, answer``, optional ``category``).
+
+    Raises:
+        DatasetError: an empty source, or VQA items or swap pairs (their images would be
+            dropped: load them with their own loader and use the ``text`` condition).
+    """
+    records, _, name = _records(source, columns, limit, "load_text")
     items = []
     for index, record in enumerate(records):
         _require(record, ("question", "answer"), f"{name}, item {record['id']!r}", "text-only")
@@ -453,6 +508,7 @@ def load_swap_pairs(
     answer_keys: Mapping[str, str] | None = None,
     tasks: Sequence[str] | None = None,
     limit: int | None = None,
+    per_task: int | None = None,
 ) -> EvalDataset[SwapPair]:
     """Load vision-token-swap pairs in the published layout.
 
@@ -462,20 +518,36 @@ def load_swap_pairs(
         answer_keys: task -> meta suffix of its answers, where :func:`pair_answer_key` cannot
             tell (e.g. ``{"ocr": "text"}``).
         tasks: keep only these tasks.
-        limit: at most this many pairs per file.
+        limit: at most this many pairs in all (the first ones, tasks in name order).
+        per_task: at most this many pairs of each task.
+
+    Raises:
+        DatasetError: a missing path, an empty ``data.jsonl``, VQA or text items, missing
+            fields, or no pairs left (``tasks`` matching none).
     """
+    _check_limit(limit)
+    _check_limit(per_task)
     root = Path(path)
     if not root.exists():
         raise DatasetError(f"{root}: no such dataset file or folder.")
     items, failures, all_records = [], [], []
+    per_task_count: dict[str, int] = {}
     index = 0
     for file in _pair_files(root):
-        records = read_jsonl(file)[:limit]
+        records = read_jsonl(file)
+        if not records:
+            raise DatasetError(f"{file}: the file holds no items.")
+        _check_layout(records[0], "load_swap_pairs", str(file))
         for record in records:
+            if limit is not None and len(all_records) >= limit:
+                break
             where = f"{file}, pair {record.get('id')!r}"
             _require(record, ("id", "task", "target_image", "source_image", "prompt", "meta"), where, "swap-pair")
             if tasks is not None and record["task"] not in tasks:
                 continue
+            if per_task is not None and per_task_count.get(str(record["task"]), 0) >= per_task:
+                continue
+            per_task_count[str(record["task"])] = per_task_count.get(str(record["task"]), 0) + 1
             record = {**record, "id": str(record["id"])}
             all_records.append(record)
             meta = record["meta"]
@@ -483,26 +555,27 @@ def load_swap_pairs(
             key = (answer_keys or {}).get(task) or pair_answer_key(meta, task)
             if f"target_{key}" not in meta or f"source_{key}" not in meta:
                 raise DatasetError(f"{where}: meta has no target_{key}/source_{key} (keys: {sorted(meta)}).")
+            answer_t, answer_s = meta[f"target_{key}"], meta[f"source_{key}"]
+            answers = {"target": answer_t, "source": answer_s}
             try:
                 target = validate_image(file.parent / record["target_image"])
             except ImageLoadError as error:
-                failures.append(LoadFailure(record["id"], index, f"target_image: {error}", record))
+                failures.append(LoadFailure(record["id"], index, f"target_image: {error}", record, answers))
                 index += 1
                 continue
             try:
                 source = validate_image(file.parent / record["source_image"])
             except ImageLoadError as error:
-                failures.append(LoadFailure(record["id"], index, f"source_image: {error}", record))
+                failures.append(LoadFailure(record["id"], index, f"source_image: {error}", record, answers))
                 index += 1
                 continue
             if target.size != source.size:
                 failures.append(LoadFailure(
                     record["id"], index,
                     f"target and source images differ in size ({target.size} vs {source.size}); a swap needs "
-                    "the same number of vision tokens", record))
+                    "the same number of vision tokens", record, answers))
                 index += 1
                 continue
-            answer_t, answer_s = meta[f"target_{key}"], meta[f"source_{key}"]
             kind: AnswerKind = "box" if is_box(answer_t) else "auto"
             items.append(SwapPair(
                 id=record["id"], index=index, task=task, prompt=str(record["prompt"]), target_image=target,
@@ -510,6 +583,9 @@ def load_swap_pairs(
                 iou_threshold=float(meta.get("iou_threshold", 0.5)), meta=meta,
             ))
             index += 1
+    if not all_records:
+        raise DatasetError(f"{root}: no pairs of the tasks {list(tasks or [])} here; tasks present: "
+                           f"{sorted({str(r.get('task')) for f in _pair_files(root) for r in read_jsonl(f)})}.")
     _check_unique([r["id"] for r in all_records], str(root))
     images = [ref for pair in items for ref in (pair.target_image, pair.source_image)]
     return EvalDataset("swap", tuple(items), tuple(failures), str(root), _fingerprint(all_records, images))
@@ -531,7 +607,11 @@ def detect_layout(record: Mapping[str, Any]) -> DatasetKind:
 
 
 def load_dataset(path: str | os.PathLike, *, limit: int | None = None) -> EvalDataset[Any]:
-    """Load any of the three layouts, told apart by the first record's fields."""
+    """Load any of the three layouts, told apart by the first record's fields.
+
+    Raises:
+        DatasetError: a missing or empty file, a malformed line, or fields of no known layout.
+    """
     path = Path(path)
     first_file = _pair_files(path)[0] if path.is_dir() else path
     records = read_jsonl(first_file)

@@ -9,7 +9,8 @@
 Each paired metric comes with its full 2x2 transition table (first condition x second
 condition, correct or wrong), and every rate and accuracy with a bootstrap confidence
 interval over items (:func:`vlm_probe.stats.bootstrap`). Items that failed (unreadable
-image, ...) in either condition are left out and counted in ``excluded``.
+image, ...) in either condition are left out and counted in ``excluded``; the accuracies
+shown with a paired metric count the same items as the metric (one population per metric).
 """
 
 from __future__ import annotations
@@ -135,10 +136,10 @@ def _all_ids(rows: Any, conditions: Sequence[str]) -> set[Any]:
 
 
 def _row(model: str, metric: str, estimate: Estimate, transition: Transition | None = None,
-         excluded: int = 0, conditions: tuple[str, str] | tuple[str] = ()) -> dict[str, Any]:
+         excluded: int = 0, conditions: tuple[str, str] | tuple[str] = (), population: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"model": model, "metric": metric, "value": estimate.value, "low": estimate.low,
                            "high": estimate.high, "n": estimate.n, "level": estimate.level, "excluded": excluded,
-                           "conditions": "/".join(conditions)}
+                           "conditions": "/".join(conditions), "population": population}
     for key in ("both", "a_only", "b_only", "neither"):
         row[key] = getattr(transition, key) if transition is not None else pd.NA
     return row
@@ -154,9 +155,12 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 class FineGrained(Result):
     """M_vis, M_v2r, M_rea and the accuracies behind them, one row per model x metric.
 
-    Columns: ``model, metric, value, low, high, n, level, excluded, conditions`` and the
-    transition counts ``both, a_only, b_only, neither`` (for the paired metrics; ``a`` is the
-    image condition). ``metric`` is M_vis / M_v2r / M_rea or ``accuracy:<set>:<condition>``.
+    Columns: ``model, metric, value, low, high, n, level, excluded, conditions, population``
+    and the transition counts ``both, a_only, b_only, neither`` (for the paired metrics; ``a``
+    is the image condition). ``metric`` is M_vis / M_v2r / M_rea or
+    ``accuracy:<set>:<condition>``. The accuracies behind a paired metric are computed on that
+    metric's items (those that ran under both conditions), so they add up with its 2x2 table;
+    ``population`` says which items each row counts and ``excluded`` how many were left out.
     """
 
     kind = "fine_grained"
@@ -231,15 +235,20 @@ def fine_grained_metrics(
             continue
         ca, cb = correctness(run, a), correctness(run, b)
         estimate, table = fn(ca, cb, **options)
-        rows.append(_row(model, metric, estimate, table, len(_all_ids(run, [a, b])) - table.n, (a, b)))
+        excluded = len(_all_ids(run, [a, b])) - table.n
+        population = f"items run under both {a} and {b}"
+        rows.append(_row(model, metric, estimate, table, excluded, (a, b), population))
         name = "general" if metric == "M_vis" else "math"
-        for condition, values in ((a, ca), (b, cb)):
+        together = pd.concat({a: ca, b: cb}, axis=1, join="inner")  # one population per metric: its 2x2 table's
+        for condition in (a, b):
+            values = together[condition].astype(bool)
             rows.append(_row(model, f"accuracy:{name}:{condition}", bootstrap(values.astype(float), **options),
-                             excluded=len(_all_ids(run, [condition])) - len(values), conditions=(condition,)))
+                             excluded=excluded, conditions=(condition,), population=population))
     if reasoning is not None:
         text = correctness(reasoning, "text")
         rows.append(_row(model, "M_rea", m_rea(text, **options),
-                         excluded=len(_all_ids(reasoning, ["text"])) - len(text), conditions=("text",)))
+                         excluded=len(_all_ids(reasoning, ["text"])) - len(text), conditions=("text",),
+                         population="items run under text"))
     if not rows:
         raise VLMProbeError("Give at least one of general=, math=, reasoning= to compute fine-grained metrics.")
     meta = {"model": model, "bootstrap": options}

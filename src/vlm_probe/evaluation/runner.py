@@ -31,32 +31,39 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..errors import InputError, VLMProbeError
+from ..errors import GradingError, InputError, VLMProbeError
 from ..io import JsonlLog, atomic_write_json
 from ..results import Result
 from ..stats import bootstrap
 from .conditions import SUPPORTED, PromptFormat, Request, build_requests
 from .datasets import EvalDataset, ImageLoadError, LoadFailure, load_dataset
 from .generation import Generation, Generator, GreedyGenerator
-from .grading import Grade, Judge, grade
+from .grading import GRADER_VERSION, Grade, Judge, grade
 from .metrics import Transition, correctness, transition_table
 
 #: Columns of the per-item table, in order.
 ROW_COLUMNS = ("condition", "index", "id", "status", "error", "category", "task", "prompt", "answer", "response",
-               "extracted", "source", "kind", "method", "correct", "score", "n_new_tokens", "finished")
+               "extracted", "source", "kind", "predicted", "expected", "method", "stage", "reason", "correct", "score",
+               "n_new_tokens", "finished")
+_VERDICT_COLUMNS = ("extracted", "source", "kind", "predicted", "expected", "method", "stage", "reason", "correct",
+                    "score")
 
 
 @dataclass(frozen=True)
 class Grading:
-    """Grading options shared by every item of a run (see :func:`~vlm_probe.evaluation.grading.grade`)."""
+    """Grading options shared by every item of a run (see :func:`~vlm_probe.evaluation.grading.grade`).
 
-    rel_tol: float = 1e-6
-    abs_tol: float = 1e-9
+    ``rel_tol`` / ``abs_tol``: None compares integers exactly and reals with 1e-6 / 1e-9;
+    a value given applies to every number, integers included.
+    """
+
+    rel_tol: float | None = None
+    abs_tol: float | None = None
     judge: Judge | None = None
 
     def record(self) -> dict[str, Any]:
         judge = None if self.judge is None else getattr(self.judge, "__qualname__", type(self.judge).__name__)
-        return {"rel_tol": self.rel_tol, "abs_tol": self.abs_tol, "judge": judge}
+        return {"rules": GRADER_VERSION, "rel_tol": self.rel_tol, "abs_tol": self.abs_tol, "judge": judge}
 
     def __call__(self, request: Request, response: str) -> Grade:
         return grade(response, request.answer, kind=request.kind, choices=request.choices, rel_tol=self.rel_tol,
@@ -84,7 +91,7 @@ def _base_row(request: Request | LoadFailure, condition: str) -> dict[str, Any]:
         rec = request.record
         return {"id": request.id, "index": request.index, "condition": condition,
                 "category": rec.get("category", rec.get("task")), "task": rec.get("task"),
-                "prompt": rec.get("question", rec.get("prompt")), "answer": _jsonable(rec.get("answer"))}
+                "prompt": rec.get("question", rec.get("prompt")), "answer": _jsonable(request.answer(condition))}
     return {"id": request.id, "index": request.index, "condition": condition, "category": request.category,
             "task": request.task, "prompt": request.prompt, "answer": _jsonable(request.answer)}
 
@@ -92,22 +99,22 @@ def _base_row(request: Request | LoadFailure, condition: str) -> dict[str, Any]:
 def error_row(request: Request | LoadFailure, condition: str, reason: str) -> dict[str, Any]:
     """The row of an item that could not be run (``status="error"``, ``correct=None``)."""
     return {**_base_row(request, condition), "status": "error", "error": reason, "response": None,
-            "extracted": None, "source": None, "kind": None, "method": None, "correct": None, "score": None,
-            "n_new_tokens": None, "finished": None}
+            **dict.fromkeys(_VERDICT_COLUMNS), "n_new_tokens": None, "finished": None}
 
 
 def scored_row(request: Request, condition: str, generation: Generation, verdict: Grade) -> dict[str, Any]:
     """The row of a generated and graded item."""
     return {**_base_row(request, condition), "status": "ok", "error": None, "response": generation.text,
             "extracted": verdict.extracted, "source": verdict.source, "kind": verdict.kind,
-            "method": verdict.method, "correct": bool(verdict.correct), "score": verdict.score,
+            "predicted": verdict.predicted, "expected": verdict.expected, "method": verdict.method,
+            "stage": verdict.stage, "reason": verdict.reason, "correct": bool(verdict.correct), "score": verdict.score,
             "n_new_tokens": generation.n_tokens, "finished": generation.finished}
 
 
 def _score(request: Request, condition: str, generation: Generation, grading: Grading) -> dict[str, Any]:
     try:
         verdict = grading(request, generation.text)
-    except ValueError as error:  # a gold answer that cannot be graded: a dataset problem, kept per item
+    except GradingError as error:  # a gold answer that cannot be graded: a dataset problem, kept per item
         row = error_row(request, condition, f"grading: {error}")
         return {**row, "response": generation.text, "n_new_tokens": generation.n_tokens,
                 "finished": generation.finished}
@@ -248,8 +255,10 @@ class EvalRun(Result):
     """Per-item rows of an evaluation (one row per condition x item) and the run settings.
 
     Columns: ``condition, index, id, status ("ok"/"error"), error, category, task, prompt,
-    answer, response, extracted, source, kind, method, correct, score, n_new_tokens,
-    finished``. ``meta`` holds the settings recorded in ``run.json``.
+    answer, response``, the verdict's audit fields ``extracted, source, kind, predicted,
+    expected, method, stage, reason`` (see :class:`~vlm_probe.evaluation.grading.Grade`),
+    ``correct, score, n_new_tokens, finished``. ``meta`` holds the settings recorded in
+    ``run.json``.
     """
 
     kind = "eval_run"
@@ -263,7 +272,8 @@ class EvalRun(Result):
             frame[col] = frame[col].astype("Int64")
         frame["finished"] = frame["finished"].astype("boolean")
         frame["score"] = frame["score"].astype("Float64")
-        for col in ("error", "category", "task", "prompt", "response", "extracted", "source", "kind", "method"):
+        for col in ("error", "category", "task", "prompt", "response", "extracted", "source", "kind", "predicted",
+                    "expected", "method", "stage", "reason"):
             frame[col] = frame[col].astype("string")
         order = {c: i for i, c in enumerate(dict.fromkeys(frame["condition"]))}
         frame = frame.sort_values(["condition", "index"], key=lambda s: s.map(order) if s.name == "condition" else s,
@@ -472,11 +482,15 @@ def evaluate(
     per_condition: dict[str, dict[str, Any]] = {}
     for condition in conditions:
         log = run_dir.log(condition) if run_dir is not None else None
-        logged = log.done() if log is not None else set()
-        failure_rows = [error_row(f, condition, f.reason) for f in dataset.failures]
-        for row in failure_rows:
-            if log is not None and row["id"] not in logged:
-                log.append(row)
+        logged = {row["id"]: row for row in log.read()} if log is not None else {}
+        failure_rows = []
+        for failure in dataset.failures:  # a resumed run shows the rows it logged, not a fresh load's
+            row = logged.get(failure.id)
+            if row is None:
+                row = error_row(failure, condition, failure.reason)
+                if log is not None:
+                    log.append(row)
+            failure_rows.append(row)
         rows, stats = run_requests(
             model, requests[condition], generate=generate, condition=condition, batch_size=batch_size,
             system=system, grading=grading, log=log, seed=seed, quiet=quiet,
