@@ -138,15 +138,21 @@ def fixed_steps(config: GenerationConfig) -> GenerationConfig:
     return steps
 
 
-def split_new(vlm: Any, ids: Tensor, prompt_width: int, eos: set[int]) -> list[Generation]:
-    """The generated part of each row, cut at its first end-of-sequence token."""
+def decode_rows(tokenizer: Any, rows: Sequence[Sequence[int]], eos: set[int]) -> list[Generation]:
+    """Each row of generated token ids cut at its first end-of-sequence token and decoded
+    (special tokens skipped, whitespace collapsed): the text every grader in vlm_probe sees."""
     out = []
-    for row in ids[:, prompt_width:].tolist():
+    for row in rows:
         end = next((i for i, t in enumerate(row) if t in eos), None)
-        kept = row if end is None else row[:end]
-        text = vlm.tokenizer.decode(kept, skip_special_tokens=True)
+        kept = list(row) if end is None else list(row[:end])
+        text = tokenizer.decode(kept, skip_special_tokens=True)
         out.append(Generation(re.sub(r"\s+", " ", text).strip(), len(kept), end is not None))
     return out
+
+
+def split_new(vlm: Any, ids: Tensor, prompt_width: int, eos: set[int]) -> list[Generation]:
+    """The generated part of each row, cut at its first end-of-sequence token."""
+    return decode_rows(vlm.tokenizer, ids[:, prompt_width:].tolist(), eos)
 
 
 def decode_new(vlm: Any, ids: Tensor, prompt_width: int, eos: set[int] | None = None) -> list[str]:
