@@ -17,14 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 import vlm_probe
+from transformers import AutoModelForImageTextToText
 from vlm_probe.errors import CheckpointError, MergePlanError
 from vlm_probe.testbed import commands
 from vlm_probe.testbed.build import build_rl_variant, build_testbed, cache_root, build_dir
-from vlm_probe.testbed.decoding import complete, completion_logits, decode_answers
+from vlm_probe.testbed.decoding import complete, completion_logits, decode_responses
 from vlm_probe.testbed.encoding import Encoder
 from vlm_probe.testbed.freezing import REGIONS, frozen, frozen_names, parameter_regions, thirds_cuts
 from vlm_probe.testbed.recipe import Recipe
-from vlm_probe.testbed.rl import completion_mask, group_advantages
+from vlm_probe.testbed.rl import completion_mask, group_advantages, grpo
 from vlm_probe.testbed.tasks import FAMILIES, ItemStream
 
 
@@ -44,6 +45,12 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def testbed(cache):
     return build_testbed(reduced=True, quiet=True, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def qwen_testbed(cache):
+    """The second family, built by the same recipe code."""
+    return build_testbed(Recipe.reduced_size(family="qwen2_5_vl"), quiet=True, cache_dir=cache, variants=())
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +102,14 @@ def test_checkpoints_are_ordinary_hf_directories(testbed) -> None:
         assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
     pair = testbed.load_set("IN", "RL")
     vlm = pair["RL"]
-    assert vlm.family == "qwen2_5_vl" and vlm.n_layers == Recipe.reduced_size().sizes.n_layers
+    assert vlm.family == "llava" and vlm.n_layers == Recipe.reduced_size().model_sizes.n_layers
     item = testbed.held_out()[0]
     batch = vlm.prepare(item.question, images=[item.picture()])
     with vlm.trace(batch):
         logits = vlm.lm_head.output.save()
     assert logits.shape[-1] == vlm.vocab_size
-    stop = vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert stop in vlm.hf.generation_config.eos_token_id  # plain generate() stops at the end of the turn
+    encoder = Encoder(vlm.hf, vlm.processor, vlm.spec)
+    assert encoder.stop_id in vlm.hf.generation_config.eos_token_id  # plain generate() stops at the end of the turn
     out = vlm.hf.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] <= batch.width + 4
     info = testbed.info
@@ -112,12 +119,24 @@ def test_checkpoints_are_ordinary_hf_directories(testbed) -> None:
         testbed.checkpoint("SFT")
 
 
+def used_parameters(testbed, encoder) -> set[str]:
+    """Parameters the forward pass uses: those a backward pass gives a non-zero gradient."""
+    probe = AutoModelForImageTextToText.from_pretrained(testbed.checkpoint("IN"), dtype=torch.float32)
+    for part in encoder(ItemStream(5, tuple((f, 1.0) for f in FAMILIES)).take(8), targets=True):
+        probe(**part.inputs).logits.float().pow(2).mean().backward()
+    return {name for name, p in probe.named_parameters() if p.grad is not None and bool(p.grad.abs().gt(0).any())}
+
+
 def test_rl_changed_every_tensor_and_freezing_keeps_them_bit_identical(testbed, in_model) -> None:
     model = in_model[0]
     # the policy gradient was really non-zero (rewards varied within a group), not just rounding noise
     assert any(abs(row["pg"]) > 1e-3 for row in testbed.info["rl_log"])
     base_in, rl = tensors(testbed.checkpoint("IN")), tensors(testbed.checkpoint("RL"))
-    assert all(not torch.equal(base_in[k], rl[k]) for k in base_in), "RL left a tensor unchanged"
+    # every tensor the forward pass uses moved; the others (a pooled-output norm) did not
+    used = used_parameters(testbed, in_model[2])
+    spec = vlm_probe.arch.get_spec(model.config)
+    for key in base_in:
+        assert torch.equal(base_in[key], rl[key]) == (spec.module_path(key) not in used), key
 
     path = build_rl_variant(testbed, {"early", "vision"}, quiet=True)
     assert path.name == "rl-freeze-early-vision"
@@ -128,7 +147,7 @@ def test_rl_changed_every_tensor_and_freezing_keeps_them_bit_identical(testbed, 
     assert frozen_modules and set(frozen_modules) <= set(stored)
     for module_name, key in stored.items():
         same = torch.equal(variant[key], base_in[key])
-        assert same == (module_name in frozen_modules), module_name
+        assert same == (module_name in frozen_modules or module_name not in used), module_name
     recorded = json.loads((path / "variant.json").read_text())["frozen_parameters"]
     assert recorded == sorted(frozen_modules)
 
@@ -140,8 +159,11 @@ def test_rl_variant_without_freezing_reproduces_rl(testbed) -> None:
     assert testbed.checkpoint("rl-freeze-none") == path
 
 
-def test_regions_follow_the_layer_index(in_model) -> None:
-    model = in_model[0]
+@pytest.mark.parametrize("which", ["testbed", "qwen_testbed"])
+def test_regions_follow_the_layer_index(which, request) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(request.getfixturevalue(which).checkpoint("IN"))
     n = model.config.text_config.num_hidden_layers
     c1, c2 = thirds_cuts(n)
     regions = parameter_regions(model)
@@ -150,9 +172,9 @@ def test_regions_follow_the_layer_index(in_model) -> None:
         if m := re.match(r"model\.language_model\.layers\.(\d+)\.", name):
             i = int(m.group(1))
             assert region == ("early" if i < c1 else "mid" if i < c2 else "late"), name
-        elif name.startswith("model.visual.merger"):
+        elif name.startswith(("model.visual.merger", "model.multi_modal_projector")):
             assert region == "projector"
-        elif name.startswith("model.visual."):
+        elif name.startswith(("model.visual.", "model.vision_tower.")):
             assert region == "vision"
         elif name == "lm_head.weight":
             assert region == "lm_head"
@@ -228,10 +250,12 @@ def test_encoder_targets_sit_at_the_end(in_model) -> None:
     for part in encoder(items, targets=True):
         for row, item in enumerate(part.items):
             ids = part.input_ids[row, part.target_mask()[row]].tolist()
-            assert ids == encoder.target_ids(item.answer)
+            assert ids == encoder.target_ids(item.response)
             assert ids[-1] == encoder.stop_id
-        decoded = decode_answers(encoder, part.input_ids[:, -2:])
-        assert decoded == [item.answer for item in part.items]
+        for row, item in enumerate(part.items):  # the targets decode back to the response, ended
+            n = int(part.n_target[row])
+            tail = decode_responses(encoder, part.input_ids[row : row + 1, -n:])[0]
+            assert tail.text == item.response and tail.finished
     # explicit positions equal what the model computes by itself
     part = encoder(ItemStream(14, (("perception", 1.0),)).take(4))[0]
     plain = {k: v for k, v in part.inputs.items() if k != "position_ids"}
@@ -241,12 +265,15 @@ def test_encoder_targets_sit_at_the_end(in_model) -> None:
 
 def test_group_advantages_and_completion_mask_by_hand() -> None:
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
-    adv = group_advantages(rewards, 4)
+    # Dr. GRPO: reward minus the group mean, no division by the group's spread
+    assert torch.equal(group_advantages(rewards, 4), torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+    adv = group_advantages(rewards, 4, normalize=True)  # the original GRPO
     std = (0.75 * 0.25) ** 0.5
     torch.testing.assert_close(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / std)
     assert torch.equal(adv[4:], torch.zeros(4))
-    tokens = torch.tensor([[5, 9, 9], [9, 5, 5], [5, 5, 5]])
-    assert completion_mask(tokens, 9).tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+    tokens = torch.tensor([[5, 9, 9], [9, 5, 5], [5, 5, 5], [5, 7, 9]])
+    assert completion_mask(tokens, {9, 7}).tolist() == [
+        [True, True, False], [True, False, False], [True, True, True], [True, True, False]]
 
 
 def test_cli_builds_the_reduced_testbed(testbed, cache, capsys) -> None:
@@ -315,4 +342,148 @@ def test_necessity_table_compares_frozen_rl_with_in_and_rl(testbed, in_model) ->
     base_in = tensors(testbed.checkpoint("IN"))
     spec = vlm_probe.arch.get_spec(model.config)
     frozen_mid = frozen_names(model, "mid")
-    assert all(torch.equal(variant[k], base_in[k]) == (spec.module_path(k) in frozen_mid) for k in variant)
+    used = used_parameters(testbed, in_model[2])
+    for k in variant:
+        path = spec.module_path(k)
+        assert torch.equal(variant[k], base_in[k]) == (path in frozen_mid or path not in used), k
+
+
+# ----------------------------------------------------------------------------- testbed v2: traces, RL, one grader
+
+
+@pytest.mark.parametrize("which", ["testbed", "qwen_testbed"])
+def test_joined_prompt_batches_decode_as_separate_ones(which, request) -> None:
+    """Sub-batches with and without images joined into one left-padded prefix give the tokens and
+    the logits each gives alone (LLaVA's 1-D and Qwen2.5-VL's 3-D positions)."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_probe.model.processors import load_processor
+
+    path = request.getfixturevalue(which).checkpoint("IN")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    encoder = Encoder(model, load_processor(path), vlm_probe.arch.get_spec(model.config))
+    parts = encoder(ItemStream(31, tuple((f, 1.0) for f in FAMILIES)).take(12))
+    assert len(parts) == 3
+    joint = complete(model, encoder, parts, max_new_tokens=6)
+    apart = [complete(model, encoder, p, max_new_tokens=6) for p in parts]
+    apart = torch.cat([torch.nn.functional.pad(a, (0, joint.shape[1] - a.shape[1]), value=encoder.stop_id) for a in apart])
+    assert torch.equal(joint, apart)
+    with torch.no_grad():
+        together = completion_logits(model, parts, joint.repeat_interleave(2, 0), 2)
+        alone, row = [], 0
+        for part in parts:
+            alone.append(completion_logits(model, part, joint[row : row + len(part)].repeat_interleave(2, 0), 2))
+            row += len(part)
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+
+def _expected_reward(policy, encoder, pool, n: int = 64) -> float:
+    """The policy's mean reward on ``pool``, estimated from ``n`` seeded samples per prompt."""
+    from vlm_probe.testbed.rl import rewards_for
+
+    parts = encoder(pool)
+    tokens = complete(policy, encoder, parts, max_new_tokens=16, n=n, sample=True,
+                      generator=torch.Generator().manual_seed(9))
+    answers = [item.answer for part in parts for item in part.items for _ in range(n)]
+    return float(rewards_for(decode_responses(encoder, tokens), answers)[0].mean())
+
+
+def test_policy_gradient_step_moves_toward_rewarded_samples(testbed) -> None:
+    """One Dr. GRPO step raises sum(advantage x log p(sample)) over the very samples it scored
+    (the first-order property of an ascent step), and rewards follow the harness's grader."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_probe.evaluation import grade
+    from vlm_probe.model.processors import load_processor
+    from vlm_probe.testbed.rl import policy_gradient
+
+    path = testbed.checkpoint("IN")
+    policy = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    encoder = Encoder(policy, load_processor(path), vlm_probe.arch.get_spec(policy.config))
+    items = ItemStream(41, (("v2r/more_color", 1.0), ("text/more", 1.0))).take(6)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(5):  # find a batch whose groups disagree (the model is tiny and uncertain)
+        sampled = policy_gradient(policy, None, encoder, items, group=8, kl=0.0, temperature=1.0,
+                                  max_new_tokens=16, format_reward=0.1, generator=generator)
+        if bool(sampled.advantages.abs().gt(0).any()):
+            break
+        policy.zero_grad(set_to_none=True)
+    assert bool(sampled.advantages.abs().gt(0).any())
+    ordered = [item for part in sampled.parts for item in part.items for _ in range(8)]
+    for text, item, reward in zip(decode_responses(encoder, sampled.tokens), ordered, sampled.reward.tolist()):
+        expected = float(text.finished and grade(text.text, item.answer).correct) + 0.1 * float(
+            text.finished and "the answer is" in text.text)
+        assert reward == pytest.approx(expected)
+
+    def surrogate() -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(completion_logits(policy, sampled.parts, sampled.tokens, 8), -1)
+        token = logp.gather(-1, sampled.tokens.unsqueeze(-1)).squeeze(-1)
+        mask = completion_mask(sampled.tokens, encoder.end_ids).float()
+        return float((sampled.advantages.unsqueeze(1) * token * mask).sum())
+
+    before = surrogate()
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad  # plain gradient descent on the loss = ascent on the surrogate
+    assert surrogate() > before
+
+
+def test_rl_raises_the_expected_reward(testbed) -> None:
+    """A dozen RL steps on a small prompt pool raise the policy's expected reward on it (estimated
+    from 64 samples per prompt before and after: 0.01 -> 0.9 when measured)."""
+    from vlm_probe.model.processors import load_processor
+
+    path = testbed.checkpoint("IN")
+    policy = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    encoder = Encoder(policy, load_processor(path), vlm_probe.arch.get_spec(policy.config))
+    pool = ItemStream(42, (("v2r/more_color", 1.0), ("text/more", 1.0), ("v2r/more_shape", 1.0))).take(8)
+    before = _expected_reward(policy, encoder, pool)
+
+    def cycle():
+        while True:
+            yield from pool
+
+    log = grpo(policy, None, encoder, cycle(), steps=12, prompts=8, group=8, lr=3e-3, max_new_tokens=16,
+               seed=0, quiet=True)
+    after = _expected_reward(policy, encoder, pool)
+    assert after > before + 0.3, (before, after)
+    assert log[-1]["reward"] > log[0]["reward"]
+
+
+def test_testbed_verdicts_equal_the_harness_verdicts(testbed) -> None:
+    """One grader: the testbed's greedy response and verdict on each held-out item equal what the
+    evaluation harness generates and grades from the written data files."""
+    from vlm_probe.evaluation import PromptFormat
+    from vlm_probe.evaluation import evaluate as harness_evaluate
+    from vlm_probe.testbed.datasets import PROMPT_FORMAT
+    from vlm_probe.testbed.train import MAX_NEW_TOKENS
+    from vlm_probe.testbed.rl_effect import score_checkpoint
+
+    from vlm_probe.testbed.tasks import Item
+
+    held = testbed.held_out()
+    white = tuple(PROMPT_FORMAT["blank_color"])
+    # the harness's "description" condition asks the v2r items over a blank image with their description
+    twins = [Item(f"twin-{i.id}", "described", i.task, f"{i.scene.describe()} {i.question}", i.answer, i.scene,
+                  "blank", white, i.solution) for i in held if i.family == "v2r"]
+    items = [i for i in held if i.family != "described"] + twins
+    scored = score_checkpoint(testbed, "IN", items, detail=True)
+    by_id = {item.id: (response, ok) for item, response, ok in zip(items, scored.responses, scored.verdicts)}
+    vlm = testbed.load("IN")
+    fmt = dict(PROMPT_FORMAT, blank_color=tuple(PROMPT_FORMAT["blank_color"]))
+    checked = 0
+    for name, condition, family in (("perception.jsonl", "image", "perception"), ("v2r.jsonl", "image", "v2r"),
+                                    ("text.jsonl", "text", "text"), ("v2r.jsonl", "description", "described")):
+        run = harness_evaluate(vlm, testbed.data / name, conditions=[condition], max_new_tokens=MAX_NEW_TOKENS,
+                               prompt=PromptFormat(**fmt), quiet=True, batch_size=16)
+        for row in run.frame.itertuples():
+            key = row.id if family != "described" else f"twin-{row.id}"
+            if key not in by_id:
+                continue
+            response, ok = by_id[key]
+            assert row.response == response, (key, row.response, response)
+            assert bool(row.correct) == ok, key
+            checked += 1
+    assert checked == len(items)

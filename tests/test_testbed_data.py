@@ -245,3 +245,116 @@ def test_larger_grids_render_and_answer_right(tmp_path) -> None:
         found = detect(folder / row["image"])
         assert answer_from_pixels(row["question"], found) == row["answer"], row
     assert Image.open(folder / "images" / "blank.png").size == (56, 56)
+
+
+# ----------------------------------------------------------------------------- responses and demonstrations
+
+SINGULARS = {"shape": "shapes", "circle": "circles", "square": "squares", "triangle": "triangles"}
+
+
+def check_trace(question: str, response: str, found: dict | None) -> list[str]:
+    """Every claim of a trace checked against the scene (``found``, recounted from pixels) or the
+    question's numbers; returns the claims that are wrong (empty for a correct trace)."""
+    wrong = []
+    *steps, final = response.split(" . ")
+    assert final.startswith("the answer is "), response
+    answer = final[len("the answer is "):]
+    results = []
+    for step in steps:
+        if m := re.fullmatch(r"(\d+) (plus|minus) (\d+) = (\d+)", step):
+            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+            if (a + b if op == "plus" else a - b) != c:
+                wrong.append(step)
+            results.append(str(c))
+        elif m := re.fullmatch(r"(\d+) is (not )?more than (\d+)", step):
+            more = int(m.group(1)) > int(m.group(3))
+            if more == bool(m.group(2)):
+                wrong.append(step)
+            results.append("no" if m.group(2) else "yes")
+        elif m := re.fullmatch(r"row (\d) column (\d) : (\w+) (\w+)", step):
+            if found.get((int(m.group(1)), int(m.group(2)))) != (m.group(3), m.group(4)):
+                wrong.append(step)
+        elif m := re.fullmatch(r"(\w+) (\w+) : (row|column) (\d)", step):
+            cells = [cell for cell, kind in found.items() if kind == (m.group(1), m.group(2))]
+            if cells != [cells[0]] or str(cells[0][0 if m.group(3) == "row" else 1]) != m.group(4):
+                wrong.append(step)
+        else:  # counts read: "2 red shapes , 1 circle"
+            for read in step.split(" , "):
+                m = re.fullmatch(r"(\d+) (?:(\w+) )?(shapes?|circles?|squares?|triangles?)", read)
+                assert m, (step, response)
+                noun = m.group(3).rstrip("s")
+                colour = m.group(2)
+                assert (int(m.group(1)) == 1) == (m.group(3) == noun), read  # singular exactly for 1
+                kind = None if noun == "shape" else noun
+                if count(found, colour=colour, shape=kind) != int(m.group(1)):
+                    wrong.append(read)
+    if results and results[-1] != answer:
+        wrong.append(f"answer {answer} does not follow from {results[-1]}")
+    return wrong
+
+
+def truth(item: tasks.Item) -> tuple[str, dict | None]:
+    """The item's answer derived independently (pixels or description, the question's numbers)."""
+    if item.family == "text":
+        return answer_text(item.question), None
+    if item.family == "described":
+        description, question = item.question.split(" . ", 1)
+        found = parse_description(description + " .")
+        return answer_from_pixels(question, found), found
+    found = detect_array(np.asarray(item.picture()))
+    return answer_from_pixels(item.question, found), found
+
+
+def detect_array(pixels: np.ndarray) -> dict:
+    path = Path(_tmp_png.name)
+    Image.fromarray(pixels).save(path)
+    return detect(path)
+
+
+import tempfile  # noqa: E402
+
+_tmp_png = tempfile.NamedTemporaryFile(suffix=".png", delete=False)
+
+
+def test_responses_are_right_by_an_independent_recount() -> None:
+    rng = np.random.default_rng(21)
+    seen = set()
+    for family in tasks.FAMILIES:
+        for task in tasks.TASKS[family]:
+            for _ in range(25):
+                item = tasks.make_item(rng, family, task, blank_colors=tasks.BLANK_COLORS)
+                answer, found = truth(item)
+                assert item.answer == answer, item
+                response = item.response
+                assert response.endswith(f"the answer is {answer}"), response
+                assert check_trace(item.question, response, found) == [], (item.question, response)
+                seen.add((family, task, response.count(" . ")))
+    # a trace before every reasoning answer: counts read, then a step (text: the steps alone)
+    traced = {(f, t) for f, t, dots in seen if dots >= (1 if f == "text" else 2)}
+    assert {(f, t) for f in ("v2r", "described", "text") for t in tasks.TASKS[f]} <= traced
+
+
+def test_demonstrations_hold_the_stated_share_of_one_step_mistakes() -> None:
+    from vlm_probe.testbed.curriculum import demonstration_set
+
+    mixture = (("v2r", 1.0), ("described", 0.5), ("text", 0.5), ("perception", 0.5))
+    demos = demonstration_set(7, mixture, 1200, error_rate=0.25, scenes=tasks.SceneOptions(max_shapes=4),
+                              exclude=frozenset())
+    traced = [(ex, m) for ex, m in zip(demos.examples, demos.mistakes) if ex[0].working is not None]
+    share = np.mean([m is not None for _, m in traced])
+    assert abs(share - 0.25) < 3 * np.sqrt(0.25 * 0.75 / len(traced))  # binomial, 3 sigma
+    kinds = set()
+    for (item, text), mistake in traced:
+        answer, found = truth(item)
+        wrong = check_trace(item.question, text, found)
+        if mistake is None:
+            assert text == item.response and wrong == [], text
+        else:  # exactly one false claim, the rest follows from it, and the outcome is wrong
+            kinds.add(mistake)
+            assert len(wrong) == 1 and not text.endswith(f"the answer is {answer}"), (item.question, text, wrong)
+    assert kinds == {"read", "step"}
+    assert all(text == item.response for (item, text), m in zip(demos.examples, demos.mistakes)
+               if item.working is None)  # perception answers are given as they are
+    again = demonstration_set(7, mixture, 1200, error_rate=0.25, scenes=tasks.SceneOptions(max_shapes=4),
+                              exclude=frozenset())
+    assert again == demos  # seeded

@@ -18,9 +18,11 @@ build leaves nothing that looks finished; an existing folder is reused unless ``
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +34,20 @@ from ..arch import get_spec
 from ..errors import CheckpointError, MergePlanError
 from ..io import atomic_directory, atomic_write_json
 from ..model.processors import save_processor
+from ..threads import default_threads, default_workers, torch_threads
+from .curriculum import DemonstrationSet, cold_start_examples, curriculum_stream, prompt_pool, split_mixture
 from .datasets import write_into
 from .encoding import Encoder
 from .factory import testbed_model
 from .freezing import FreezeSpec, describe_freeze, frozen_names
-from .recipe import Recipe
-from .rl import grpo
-from .tasks import Item, ItemStream, SwapPair, held_out_items, swap_pairs
-from .train import evaluate, sft
+from .recipe import Recipe, SFTStage
+from .rl import ESTIMATOR, grpo
+from .tasks import Item, SwapPair, held_out_items, swap_pairs
+from .train import Example, evaluate, sft
 
 STAGES: tuple[str, ...] = ("Base", "IN", "RL")
+#: RL re-runs a default build makes next to ``rl/``: each third of the decoder frozen (the necessity experiment)
+THIRD_VARIANTS: tuple[str, ...] = ("early", "mid", "late")
 _DIRS = {"base": "base", "in": "in", "rl": "rl"}
 
 
@@ -123,14 +129,16 @@ def _model_from(path: Path) -> tuple[Any, Any]:
 
 def _save(model: Any, processor: Any, encoder: Encoder, path: Path) -> None:
     config = model.generation_config
-    config.eos_token_id = sorted({encoder.stop_id, int(processor.tokenizer.eos_token_id)})
+    config.eos_token_id = sorted(encoder.end_ids)
     config.pad_token_id = int(processor.tokenizer.pad_token_id)
     model.save_pretrained(path)
     save_processor(processor, path)
 
 
 def _exclusions(items: list[Item], pairs: list[SwapPair]) -> frozenset[str]:
-    keys = {item.key for item in items}
+    """Keys training must skip: every held-out question about a scene (text arithmetic has a few
+    hundred distinct questions, facts a model is meant to know, so those are shared by design)."""
+    keys = {item.key for item in items if item.scene is not None}
     for pair in pairs:
         keys |= {f"{pair.target.key()}|{pair.prompt}", f"{pair.source.key()}|{pair.prompt}"}
     return frozenset(keys)
@@ -174,8 +182,15 @@ def build_testbed(
     force: bool = False,
     quiet: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    variants: Sequence[str] = THIRD_VARIANTS,
+    workers: int | None = None,
+    threads: int | None = None,
 ) -> Testbed:
-    """Build (or reuse) the Base -> IN -> RL testbed of ``recipe``.
+    """Build (or reuse) the Base -> IN -> RL testbed of ``recipe``, and RL re-runs with parts frozen.
+
+    The RL stage and the ``variants`` (one RL re-run per region frozen, for
+    :func:`~vlm_probe.testbed.necessity.necessity_table`) all start from IN and are independent:
+    they run side by side in ``workers`` single-threaded processes.
 
     Args:
         recipe: the recipe (default: :class:`Recipe` or, with ``reduced``, ``Recipe.reduced_size()``).
@@ -184,9 +199,15 @@ def build_testbed(
         force: rebuild even if the cache holds this recipe's build.
         quiet: no progress bars or messages.
         cache_dir: root of the cache (default: :func:`cache_root`).
+        variants: regions frozen in each RL re-run (default the three thirds of the decoder;
+            ``()`` for none); they land in ``variants/rl-freeze-<region>``.
+        workers: processes for the RL runs (default :func:`vlm_probe.threads.default_workers`;
+            1 runs them one after another in this process; the reduced recipe defaults to 1).
+        threads: torch threads for training (default :func:`vlm_probe.threads.default_threads`:
+            1 on a 2-core machine, which keeps its speed when another process holds a core).
 
     Returns:
-        The :class:`Testbed` (paths of ``base/``, ``in/``, ``rl/``, ``data/``).
+        The :class:`Testbed` (paths of ``base/``, ``in/``, ``rl/``, ``data/``, ``variants/``).
     """
     if recipe is None:
         recipe = Recipe.reduced_size() if reduced else Recipe()
@@ -197,19 +218,38 @@ def build_testbed(
         _say(quiet, f"using the cached build {path}")
         return Testbed(path, recipe)
     _say(quiet, f"building {recipe.family} seed {recipe.seed} into {path}")
-    with _hf_bars(quiet), atomic_directory(path, overwrite=True) as tmp:
-        info = _build_into(tmp, recipe, quiet)
+    if workers is None:
+        workers = 1 if recipe.reduced else default_workers()
+    with _hf_bars(quiet), torch_threads(threads) as n_threads, atomic_directory(path, overwrite=True) as tmp:
+        info = _build_into(tmp, recipe, quiet, tuple(variants), workers, n_threads)
         atomic_write_json(tmp / "recipe.json", recipe.to_dict())
         atomic_write_json(tmp / "build.json", info)
     _say(quiet, f"done in {info['times']['total']['wall_s']:.0f} s ({info['times']['total']['cpu_s']:.0f} CPU-s)")
     return Testbed(path, recipe)
 
 
-def _build_into(directory: Path, recipe: Recipe, quiet: bool) -> dict[str, Any]:
+def stage_examples(recipe: Recipe, stage: str, exclude: frozenset[str]) -> tuple[Iterator[Example], DemonstrationSet | None]:
+    """The examples one supervised stage (``"base"`` or ``"instruct"``) trains on: with ``demos``,
+    reasoning from a bounded demonstration set and perception fresh
+    (:func:`~vlm_probe.testbed.curriculum.cold_start_examples`), else a fresh stream."""
+    config: SFTStage = getattr(recipe, stage)
+    seed = recipe.stage_seed(stage)
+    if config.demos is not None:
+        return cold_start_examples(seed, config.mixture, config.demos, error_rate=config.error_rate,
+                                   scenes=recipe.scenes, exclude=exclude)
+    stream = curriculum_stream(seed, config.mixture, scenes=recipe.scenes, exclude=exclude,
+                               curriculum=config.curriculum, batch_size=config.batch_size, prefix=stage)
+    return stream, None
+
+
+def _build_into(directory: Path, recipe: Recipe, quiet: bool, variants: tuple[str, ...], workers: int,
+                threads: int) -> dict[str, Any]:
     times: dict[str, dict[str, float]] = {}
+    info: dict[str, Any] = {}
     with _timed(times, "total"):
-        tiny = testbed_model(recipe.family, seed=recipe.stage_seed("init"), sizes=recipe.sizes,
-                             rope_theta=recipe.rope_theta, init_gain=recipe.init_gain)
+        tiny = testbed_model(recipe.family, seed=recipe.stage_seed("init"), sizes=recipe.model_sizes,
+                             rope_theta=recipe.rope_theta, init_gain=recipe.init_gain,
+                             position_std=recipe.position_std)
         model, processor = tiny.model, tiny.processor
         spec = get_spec(model.config)
         encoder = Encoder(model, processor, spec)
@@ -220,29 +260,37 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool) -> dict[str, Any]:
             write_into(directory / "data", held_out, pairs, seed=recipe.eval_seed)
         exclude = _exclusions(held_out, pairs)
 
-        def stream(stage: str, mixture: Any) -> ItemStream:
-            return ItemStream(recipe.stage_seed(stage), mixture, scenes=recipe.scenes, exclude=exclude, prefix=stage)
-
         losses: dict[str, list[float]] = {}
-        for stage, stage_recipe, name in (("base", recipe.base, "Base"), ("instruct", recipe.instruct, "IN")):
-            _say(quiet, f"{name}: {stage_recipe.steps} steps of {stage_recipe.batch_size}")
+        for stage, name in (("base", "Base"), ("instruct", "IN")):
+            config: SFTStage = getattr(recipe, stage)
+            stream, demos = stage_examples(recipe, stage, exclude)
+            if demos is not None:
+                share = split_mixture(config.mixture)[2]
+                info["demonstrations"] = {
+                    "size": len(demos), "error_rate": config.error_rate, "error_fraction": demos.error_fraction,
+                    "epochs": config.steps * config.batch_size * share / len(demos),
+                }
+            _say(quiet, f"{name}: {config.steps} steps of {config.batch_size}"
+                        + (f" on {len(demos)} demonstrations" if demos is not None else ""))
             with _timed(times, name):
-                losses[name] = sft(
-                    model, encoder, stream(stage, stage_recipe.mixture), steps=stage_recipe.steps,
-                    batch_size=stage_recipe.batch_size, lr=stage_recipe.lr, warmup=stage_recipe.warmup,
-                    weight_decay=stage_recipe.weight_decay, desc=name, quiet=quiet,
-                )
+                losses[name] = sft(model, encoder, stream, steps=config.steps, batch_size=config.batch_size,
+                                   lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay, desc=name,
+                                   quiet=quiet)
                 _save(model, processor, encoder, directory / _DIRS["base" if name == "Base" else "in"])
-        _say(quiet, f"RL: {recipe.rl.steps} steps of {recipe.rl.prompts} prompts x {recipe.rl.group} samples")
-        with _timed(times, "RL"):
-            # policy and reference start from the saved IN checkpoint, exactly as build_rl_variant does
-            policy, _ = _model_from(directory / "in")
-            reference, _ = _model_from(directory / "in")
-            rl_log = _run_rl(policy, reference, encoder, recipe, recipe.rl.freeze or None, exclude, quiet)
-            _save(policy, processor, encoder, directory / "rl")
+        jobs = [RLJob(recipe.to_dict(), str(directory / "in"), str(directory / "rl"), recipe.rl.freeze or None,
+                      0, quiet, threads)]
+        jobs += [RLJob(recipe.to_dict(), str(directory / "in"), str(directory / "variants" / variant_name((v,))),
+                       (v,), 0, quiet, threads) for v in variants]
+        _say(quiet, f"RL ({ESTIMATOR}): {recipe.rl.steps} steps of {recipe.rl.prompts} prompts x {recipe.rl.group} "
+                    f"samples, and {len(variants)} re-runs with a third frozen, in {min(workers, len(jobs))} process(es)")
+        with _timed(times, "RL and variants"):
+            reports = run_rl_jobs(jobs, workers)
+        times["RL"] = {k: reports[0][k] for k in ("wall_s", "cpu_s")}
+        rl_log = reports[0]["rl_log"]
         with _timed(times, "evaluate"):
             accuracy = {}
-            for name, weights in (("Base", _model_from(directory / "base")[0]), ("IN", reference), ("RL", policy)):
+            for name in ("Base", "IN", "RL"):
+                weights = _model_from(directory / _DIRS[name.lower()])[0]
                 accuracy[name] = evaluate(weights, encoder, held_out).accuracy()
     _say(quiet, "held-out accuracy " + json.dumps({k: {f: round(v, 3) for f, v in a.items()} for k, a in accuracy.items()}))
     return {
@@ -251,25 +299,79 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "losses": losses,
+        "rl_estimator": ESTIMATOR,
         "rl_log": rl_log,
+        "variants": {Path(job.out).name: {k: r[k] for k in ("wall_s", "cpu_s")} for job, r in zip(jobs[1:], reports[1:])},
+        "workers": min(workers, len(jobs)),
         "accuracy": accuracy,
         "parameters": sum(p.numel() for p in model.parameters()),
+        **info,
     }
 
 
-def _run_rl(
-    model: Any, reference: Any, encoder: Encoder, recipe: Recipe, freeze: FreezeSpec, exclude: frozenset[str],
-    quiet: bool, seed_offset: int = 0,
-) -> list[dict[str, float]]:
-    rl = recipe.rl
-    names = frozen_names(model, freeze, encoder.spec, recipe.cuts)
-    stream = ItemStream(recipe.stage_seed("rl") + seed_offset, rl.mixture, scenes=recipe.scenes, exclude=exclude,
-                        prefix="rl")
-    return grpo(
-        model, reference, encoder, stream, steps=rl.steps, prompts=rl.prompts, group=rl.group, lr=rl.lr, kl=rl.kl,
-        temperature=rl.temperature, max_new_tokens=rl.max_new_tokens,
-        seed=recipe.stage_seed("rl-sampling") + seed_offset, frozen_params=names, quiet=quiet,
-    )
+@dataclass(frozen=True)
+class RLJob:
+    """One RL run from the IN checkpoint (picklable, so it can run in a worker process).
+
+    ``freeze`` is a region tuple, a :class:`~vlm_probe.weights.plans.FreezePlan` or None; ``out``
+    the checkpoint directory it writes (atomically), with a ``variant.json`` beside the weights
+    when it is a re-run (any ``out`` not named ``rl``).
+    """
+
+    recipe: dict[str, Any]
+    in_path: str
+    out: str
+    freeze: Any
+    seed_offset: int
+    quiet: bool
+    threads: int
+
+
+def run_rl_job(job: RLJob) -> dict[str, Any]:
+    """Run one RL job in this process; returns its log, frozen parameters and times."""
+    recipe = Recipe.from_dict(job.recipe)
+    start, cpu = time.perf_counter(), time.process_time()
+    with _hf_bars(job.quiet), torch_threads(job.threads):
+        policy, processor = _model_from(Path(job.in_path))
+        encoder = Encoder(policy, processor, get_spec(policy.config))
+        held_out = held_out_items(recipe.eval_seed, recipe.eval_count_map, scenes=recipe.scenes)
+        exclude = _exclusions(held_out, swap_pairs(recipe.eval_seed + 1, recipe.swap_per_task, scenes=recipe.scenes))
+        rl = recipe.rl
+        names = frozen_names(policy, job.freeze, encoder.spec, recipe.cuts)
+        stream = prompt_pool(recipe.stage_seed("rl") + job.seed_offset, rl.mixture, rl.pool, scenes=recipe.scenes,
+                             exclude=exclude)
+        reference = _model_from(Path(job.in_path))[0] if rl.kl > 0 else None
+        log = grpo(
+            policy, reference, encoder, stream, steps=rl.steps, prompts=rl.prompts, group=rl.group, lr=rl.lr,
+            kl=rl.kl, temperature=rl.temperature, max_new_tokens=rl.max_new_tokens, format_reward=rl.format_reward,
+            seed=recipe.stage_seed("rl-sampling") + job.seed_offset, frozen_params=names,
+            desc=Path(job.out).name, quiet=job.quiet,
+        )
+        report = {"freeze": describe_freeze(job.freeze), "rl_seed": job.seed_offset, "rl_log": log,
+                  "frozen_parameters": sorted(names), "wall_s": round(time.perf_counter() - start, 2),
+                  "cpu_s": round(time.process_time() - cpu, 2), "threads": job.threads}
+        with atomic_directory(job.out, overwrite=True) as tmp:
+            _save(policy, processor, encoder, tmp)
+            if Path(job.out).name != "rl":
+                atomic_write_json(tmp / "variant.json", report)
+    return report
+
+
+def run_rl_jobs(jobs: Sequence[RLJob], workers: int) -> list[dict[str, Any]]:
+    """Run independent RL jobs, in ``workers`` processes (spawned, single-threaded each) or here."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_rl_job(job) for job in jobs]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        return list(pool.map(run_rl_job, jobs))
+
+
+def variant_name(freeze: FreezeSpec, rl_seed: int = 0) -> str:
+    """``rl-freeze-<regions>[-seed<n>][-cuts<a>-<b>]``, the folder of an RL re-run."""
+    regions = describe_freeze(freeze)
+    cuts = getattr(freeze, "cuts", None)  # a FreezePlan's own cuts
+    name = "rl-freeze-" + ("-".join(regions) if regions else "none") + (f"-seed{rl_seed}" if rl_seed else "")
+    return name + (f"-cuts{cuts[0]}-{cuts[1]}" if cuts else "")
 
 
 def build_rl_variant(
@@ -280,8 +382,12 @@ def build_rl_variant(
     rl_seed: int = 0,
     force: bool = False,
     quiet: bool = False,
+    threads: int | None = None,
 ) -> Path:
     """Re-run the RL stage from the IN checkpoint with parameters frozen (the necessity experiment).
+
+    A default build already holds the three thirds (``build_testbed(variants=...)``); other
+    specs run here, in this process.
 
     Args:
         testbed: a finished build.
@@ -295,30 +401,14 @@ def build_rl_variant(
         The checkpoint directory ``<testbed>/variants/<name>`` (cached unless ``force``).
     """
     if name is None:
-        if callable(freeze):
+        if callable(freeze) and not hasattr(freeze, "is_frozen"):
             raise MergePlanError("Name the variant (name=...) when freezing with a callable.")
-        regions = describe_freeze(freeze)
-        cuts = getattr(freeze, "cuts", None)  # a FreezePlan's own cuts
-        name = "rl-freeze-" + ("-".join(regions) if regions else "none") + (f"-seed{rl_seed}" if rl_seed else "")
-        name += f"-cuts{cuts[0]}-{cuts[1]}" if cuts else ""
+        name = variant_name(freeze, rl_seed)
     path = testbed.path / "variants" / name
     if path.is_dir() and not force:
         _say(quiet, f"using the cached variant {path}")
         return path
-    recipe = testbed.recipe
-    with _hf_bars(quiet):
-        policy, processor = _model_from(testbed.checkpoint("IN"))
-        reference, _ = _model_from(testbed.checkpoint("IN"))
-    encoder = Encoder(policy, processor, get_spec(policy.config))
-    exclude = _exclusions(testbed.held_out(), testbed.swap_pairs())
     _say(quiet, f"RL variant {name}: freezing {describe_freeze(freeze)}")
-    start, cpu = time.perf_counter(), time.process_time()
-    log = _run_rl(policy, reference, encoder, recipe, freeze, exclude, quiet, seed_offset=rl_seed)
-    with _hf_bars(quiet), atomic_directory(path, overwrite=True) as tmp:
-        _save(policy, processor, encoder, tmp)
-        atomic_write_json(tmp / "variant.json", {
-            "freeze": describe_freeze(freeze), "rl_seed": rl_seed, "rl_log": log,
-            "frozen_parameters": sorted(frozen_names(policy, freeze, encoder.spec, recipe.cuts)),
-            "wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(time.process_time() - cpu, 2),
-        })
+    run_rl_job(RLJob(testbed.recipe.to_dict(), str(testbed.checkpoint("IN")), str(path), freeze, rl_seed, quiet,
+                     threads if threads is not None else default_threads()))
     return path

@@ -7,14 +7,14 @@ from typing import Any
 
 BUILD_EXAMPLE = """\
 examples:
-  vlm-probe testbed build                 # full build (about 10 minutes on 2 CPU cores), cached
+  vlm-probe testbed build                 # full build with the freezing re-runs (about 10 minutes on 2 cores), cached
   vlm-probe testbed build --reduced       # tiny test-size build (seconds)
-  vlm-probe testbed build --seed 1 --force --quiet --threads 1
+  vlm-probe testbed build --family qwen2_5_vl --seed 1 --force --quiet
 """
 REPORT_EXAMPLE = """\
 examples:
-  vlm-probe testbed report --seeds 0 1            # IN vs RL per task family, paired bootstrap CIs
-  vlm-probe testbed report --seeds 0 1 --out rl_effect/
+  vlm-probe testbed report --seeds 0 1 2          # IN vs RL per task family, paired bootstrap CIs
+  vlm-probe testbed report --seeds 0 1 2 --out rl_effect/
 """
 
 
@@ -38,13 +38,18 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     build.add_argument("--seed", type=int, default=0, help="recipe seed (default 0)")
-    build.add_argument("--family", default="qwen2_5_vl", help="model family from the zoo (default qwen2_5_vl)")
+    build.add_argument("--family", default="llava",
+                       help="model family from the zoo (default llava; the recipe is tuned for llava and qwen2_5_vl)")
     build.add_argument("--reduced", action="store_true", help="the tiny test-size recipe (seconds)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     build.add_argument("--cache-dir", default=None, help="cache root (default $VLM_PROBE_CACHE or ~/.cache/vlm_probe)")
     build.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
+                       help="torch CPU threads per process (default: vlm_probe.threads.default_threads(), "
+                            "1 on a 2-core machine)")
+    build.add_argument("--workers", type=int, default=None,
+                       help="processes for the RL runs and freezing re-runs (default: the usable cores, at most 4)")
+    build.add_argument("--no-variants", action="store_true", help="skip the three freezing re-runs")
     build.set_defaults(func=run_build)
 
     report = sub.add_parser(
@@ -54,30 +59,26 @@ def register(subparsers: Any) -> None:
         epilog=REPORT_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    report.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="recipe seeds (default 0 1)")
+    report.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="recipe seeds (default 0 1 2)")
+    report.add_argument("--family", default="llava", help="model family (default llava)")
     report.add_argument("--reduced", action="store_true", help="use the tiny test-size recipe")
     report.add_argument("--by", choices=["family", "task"], default="family", help="rows of the printed table")
     report.add_argument("--out", default=None, help="save the result (table.parquet, meta.json) to this folder")
     report.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     report.add_argument("--cache-dir", default=None, help="cache root")
-    report.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    report.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: vlm_probe.threads.default_threads())")
     report.set_defaults(func=run_report)
 
 
-def _threads(n: int | None) -> None:
-    if n is not None:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 def run_build(args: argparse.Namespace) -> int:
-    from .build import build_testbed
+    from .build import THIRD_VARIANTS, build_testbed
     from .recipe import Recipe
 
-    _threads(args.threads)
     recipe = (Recipe.reduced_size() if args.reduced else Recipe()).replace(seed=args.seed, family=args.family)
-    testbed = build_testbed(recipe, force=args.force, quiet=args.quiet, cache_dir=args.cache_dir)
+    testbed = build_testbed(recipe, force=args.force, quiet=args.quiet, cache_dir=args.cache_dir,
+                            variants=() if args.no_variants else THIRD_VARIANTS, workers=args.workers,
+                            threads=args.threads)
     print(testbed.path)
     return 0
 
@@ -85,10 +86,13 @@ def run_build(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from ..threads import torch_threads
+    from .recipe import Recipe
     from .rl_effect import rl_effect
 
-    _threads(args.threads)
-    result = rl_effect(args.seeds, reduced=args.reduced, quiet=args.quiet, cache_dir=args.cache_dir)
+    recipe = (Recipe.reduced_size() if args.reduced else Recipe()).replace(family=args.family)
+    with torch_threads(args.threads):
+        result = rl_effect(args.seeds, recipe=recipe, quiet=args.quiet, cache_dir=args.cache_dir)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(result.table(args.by).to_string(index=False))
     if args.out:

@@ -2,10 +2,12 @@
 
 The prompt of each row is run once (:func:`prefill`), its KV cache is repeated for a group
 of completions (:meth:`Prefix.expand`), and the completion tokens run on top of it
-(:func:`extend`). Positions continue from the explicit prompt positions, so the same code
-serves 1-D RoPE families and Qwen-VL's 3-D positions. Gradients flow through the whole
-thing: :func:`rollout` samples completions and keeps the logits that chose them, which is
-how :mod:`vlm_probe.testbed.rl` scores its samples in the same pass.
+(:func:`extend`). Prompts encoded in several sub-batches (with and without images) are
+prefilled apart and then joined into one left-padded prefix (:meth:`Prefix.concat`), so the
+completions of a whole batch decode in one loop. Positions continue from the explicit prompt
+positions, so the same code serves 1-D RoPE families and Qwen-VL's 3-D positions. Gradients
+flow through the whole thing when enabled (:func:`completion_logits` scores sampled tokens for
+:mod:`vlm_probe.testbed.rl`).
 
 Sampling takes a ``torch.Generator`` (no global random state) and never emits the image
 placeholder or padding tokens.
@@ -14,6 +16,7 @@ placeholder or padding tokens.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..analyses.generation import Generation, decode_rows
 from .encoding import Encoded, Encoder
 
 
@@ -64,6 +68,30 @@ class Prefix:
         )
 
 
+    @staticmethod
+    def concat(prefixes: Sequence[Prefix]) -> Prefix:
+        """Rows of several prefixes in order, shorter prompts left-padded (masked) to the longest.
+
+        Needs plain (non-sliding) KV caches; raises ``NotImplementedError`` otherwise.
+        """
+        if len(prefixes) == 1:
+            return prefixes[0]
+        from transformers.cache_utils import DynamicLayer
+
+        width = max(p.attention_mask.shape[1] for p in prefixes)
+        layers = [p.cache.layers for p in prefixes]
+        if any(type(layer) is not DynamicLayer for group in layers for layer in group):
+            raise NotImplementedError("Joining prefixes needs plain dynamic KV caches (no sliding windows).")
+        cache = prefixes[0].cache
+        for index, layer in enumerate(cache.layers):
+            parts = [group[index] for group in layers]
+            layer.keys = torch.cat([F.pad(part.keys, (0, 0, width - part.keys.shape[-2], 0)) for part in parts])
+            layer.values = torch.cat([F.pad(part.values, (0, 0, width - part.values.shape[-2], 0)) for part in parts])
+        masks = [F.pad(p.attention_mask, (width - p.attention_mask.shape[1], 0)) for p in prefixes]
+        return Prefix(torch.cat([p.logits for p in prefixes]), cache, torch.cat(masks),
+                      torch.cat([p.next_position for p in prefixes], dim=-1))
+
+
 def prefill(model: Any, encoded: Encoded) -> Prefix:
     """Run the prompts once; keep the cache and the logits of the last position."""
     inputs = encoded.inputs
@@ -75,6 +103,13 @@ def prefill(model: Any, encoded: Encoded) -> Prefix:
     positions = inputs["position_ids"]
     return Prefix(output.logits[:, -1].float(), _output_cache(output), inputs["attention_mask"],
                   positions[..., -1] + 1)
+
+
+def prompt_prefix(model: Any, parts: Encoded | Sequence[Encoded], n: int = 1) -> Prefix:
+    """The prompts of one or several encoded sub-batches, each row repeated ``n`` times, as one prefix
+    (rows in order of the parts; sub-batches are decoded apart when their caches cannot be joined)."""
+    parts = [parts] if isinstance(parts, Encoded) else list(parts)
+    return Prefix.concat([prefill(model, part).expand(n) for part in parts])
 
 
 def extend(model: Any, prefix: Prefix, tokens: Int[Tensor, "batch steps"]) -> tuple[Tensor, Prefix]:
@@ -108,7 +143,7 @@ def _choose(
 def rollout(
     model: Any,
     encoder: Encoder,
-    encoded: Encoded,
+    encoded: Encoded | Sequence[Encoded],
     *,
     max_new_tokens: int = 3,
     n: int = 1,
@@ -116,14 +151,16 @@ def rollout(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> tuple[Int[Tensor, "rows steps"], Float[Tensor, "rows steps vocab"]]:
-    """Generate up to ``max_new_tokens`` per row (``n`` per prompt, rows ``[a, a, b, b]``) with their logits.
+    """Generate up to ``max_new_tokens`` per row (``n`` per prompt, rows ``[a, a, b, b]``, parts in order)
+    with their logits.
 
-    Greedy unless ``sample``; stops once every row has produced the stop token, and tokens after
-    a row's stop token are the stop token again. The logits that chose each token are returned
+    Greedy unless ``sample``; stops once every row has produced an end token (the stop token or
+    EOS), and tokens after a row's end are the stop token. The logits that chose each token are returned
     (with gradients when grad is enabled), so one pass both samples and scores a rollout.
     """
-    prefix = prefill(model, encoded).expand(n)
+    prefix = prompt_prefix(model, encoded, n)
     stop = encoder.stop_id
+    ends = torch.tensor(sorted(encoder.end_ids))
     chosen: list[Tensor] = []
     scores: list[Tensor] = []
     done = torch.zeros(prefix.logits.shape[0], dtype=torch.bool)
@@ -133,7 +170,7 @@ def rollout(
         token = torch.where(done, torch.full_like(token, stop), token)
         chosen.append(token)
         scores.append(logits)
-        done |= token == stop
+        done |= torch.isin(token, ends)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         step_logits, prefix = extend(model, prefix, token.unsqueeze(1))
@@ -145,7 +182,7 @@ def rollout(
 def complete(
     model: Any,
     encoder: Encoder,
-    encoded: Encoded,
+    encoded: Encoded | Sequence[Encoded],
     *,
     max_new_tokens: int = 3,
     n: int = 1,
@@ -160,14 +197,14 @@ def complete(
 
 
 def completion_logits(
-    model: Any, encoded: Encoded, completions: Int[Tensor, "rows steps"], n: int
+    model: Any, encoded: Encoded | Sequence[Encoded], completions: Int[Tensor, "rows steps"], n: int
 ) -> Float[Tensor, "rows steps vocab"]:
     """Logits that predicted each completion token (teacher forcing over a shared prefix).
 
-    ``completions`` holds ``n`` rows per prompt of ``encoded`` (``[a, a, b, b]``). Runs with
-    gradients when called with grad enabled.
+    ``completions`` holds ``n`` rows per prompt of ``encoded`` (``[a, a, b, b]``, parts in order).
+    Runs with gradients when called with grad enabled.
     """
-    prefix = prefill(model, encoded).expand(n)
+    prefix = prompt_prefix(model, encoded, n)
     first = prefix.logits.unsqueeze(1)
     if completions.shape[1] == 1:
         return first
@@ -175,18 +212,8 @@ def completion_logits(
     return torch.cat([first, rest], dim=1)
 
 
-def decode_answers(encoder: Encoder, tokens: Int[Tensor, "rows steps"]) -> list[str]:
-    """Text of each completion up to (not including) the stop token; ``""`` when it starts with it.
-
-    A completion that never produces the stop token is returned whole, so it cannot equal a
-    one-word answer unless it is exactly that answer followed by nothing else.
-    """
-    out = []
-    for row in tokens.tolist():
-        if encoder.stop_id in row:
-            row = row[: row.index(encoder.stop_id)]
-            text = encoder.tokenizer.decode(row, skip_special_tokens=False).strip()
-        else:
-            text = encoder.tokenizer.decode(row, skip_special_tokens=False).strip() + " <no-stop>"
-        out.append(text)
-    return out
+def decode_responses(encoder: Encoder, tokens: Int[Tensor, "rows steps"]) -> list[Generation]:
+    """Each completion cut at its stop token and decoded exactly as the evaluation harness decodes
+    a generation (:func:`vlm_probe.analyses.generation.decode_rows`), so one grader judges both;
+    ``finished`` tells whether the stop token came within the completion."""
+    return decode_rows(encoder.tokenizer, tokens.tolist(), encoder.end_ids)

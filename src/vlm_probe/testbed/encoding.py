@@ -31,7 +31,7 @@ from .tasks import Item
 class Encoded:
     """One left-padded sub-batch: model ``inputs``, and the items it holds in order.
 
-    ``n_target[i]`` counts the teacher-forced target tokens (answer and stop token) at the end
+    ``n_target[i]`` counts the teacher-forced target tokens (response and stop token) at the end
     of row ``i`` (0 without targets).
     """
 
@@ -82,6 +82,8 @@ class Encoder:
         self.tokenizer = processor.tokenizer
         self.stop = stop_text(processor)
         self.stop_id = int(self.tokenizer.convert_tokens_to_ids(self.stop))
+        #: the end-of-sequence ids a saved checkpoint generates with (the stop token and EOS)
+        self.end_ids = {self.stop_id, int(self.tokenizer.eos_token_id)}
         config = model.config
         #: token ids sampling must never produce: image/video placeholders and padding
         self.suppressed = sorted(
@@ -107,22 +109,23 @@ class Encoder:
         )
         return rendered.text
 
-    def target_ids(self, answer: str) -> list[int]:
-        """Token ids of the answer followed by the stop token."""
-        return list(self.tokenizer(answer + self.stop, add_special_tokens=False)["input_ids"])
+    def target_ids(self, response: str) -> list[int]:
+        """Token ids of a response followed by the stop token."""
+        return list(self.tokenizer(response + self.stop, add_special_tokens=False)["input_ids"])
 
     def __call__(self, items: Sequence[Item], *, targets: Sequence[str] | bool = False) -> list[Encoded]:
         """Encode ``items`` into sub-batches by image kind (scene, blank, none), order kept within each.
 
         Args:
             items: the items.
-            targets: ``True`` to append each item's answer and the stop token (teacher forcing);
-                a list of strings to append those instead; ``False`` for prompts only.
+            targets: ``True`` to append each item's correct response (:attr:`Item.response`) and
+                the stop token (teacher forcing); a list of strings (e.g. demonstrations that hold
+                mistakes) to append those instead; ``False`` for prompts only.
         """
         if not items:
             raise InputError("Nothing to encode: the item list is empty.")
         if targets is True:
-            texts_after = [item.answer for item in items]
+            texts_after = [item.response for item in items]
         elif targets is False:
             texts_after = None
         else:
@@ -159,8 +162,8 @@ class Encoder:
             for row, (a, n) in enumerate(zip(after, n_target)):
                 if ids[row, ids.shape[1] - n :].tolist() != self.target_ids(a):
                     raise InputError(
-                        f"The answer {a!r} does not tokenize the same inside the prompt as alone; "
-                        "use answers made of whole words of the tokenizer."
+                        f"The response {a!r} does not tokenize the same inside the prompt as alone; "
+                        "use responses made of whole words of the tokenizer."
                     )
         inputs["position_ids"] = self.positions(inputs)
         return Encoded(inputs, list(items), torch.tensor(n_target, dtype=torch.long))

@@ -64,19 +64,52 @@ def fan_in_init(model: torch.nn.Module, seed: int, gain: float = 1.0) -> None:
                 module.bias.zero_()
 
 
+@torch.no_grad()
+def vision_position_init(model: torch.nn.Module, seed: int, std: float) -> list[str]:
+    """Re-draw the vision tower's learned absolute position embeddings from ``N(0, std^2)``;
+    returns the names of the tables changed (none for towers without them, e.g. Qwen2.5-VL)."""
+    spec = get_spec(model.config)
+    tower = spec.vision_blocks[0].rsplit(".", 2)[0] if spec.vision_blocks else None
+    generator = torch.Generator().manual_seed(seed + 1)
+    changed = []
+    for name, module in model.named_modules():
+        inside = tower is not None and name.startswith(tower)
+        if inside and isinstance(module, torch.nn.Embedding) and ("position" in name or "pos_embed" in name):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+            changed.append(name)
+    return changed
+
+
 def testbed_model(
-    family: str, *, seed: int, sizes: Sizes, rope_theta: float | None = None, init_gain: float | None = None
+    family: str,
+    *,
+    seed: int,
+    sizes: Sizes,
+    rope_theta: float | None = None,
+    init_gain: float | None = None,
+    position_std: float | None = None,
 ) -> TinyVLM:
     """A random tiny model of ``family`` (:func:`~vlm_probe.testbed.zoo.tiny_vlm`).
+
+    LLaVA-style models read the vision tower's last layer (``vision_feature_layer=-1``) rather than
+    the second-to-last, so every block of the two-block tower is used.
 
     Args:
         rope_theta: the language model's RoPE base (None: the zoo's).
         init_gain: re-initialise linear and convolution weights with :func:`fan_in_init`
             (None: keep HF's initialisation).
+        position_std: re-draw the vision tower's learned position embeddings with this standard
+            deviation (:func:`vision_position_init`; None: keep HF's).
     """
     tiny = tiny_vlm(family, seed=seed, **dataclasses.asdict(sizes))
+    if getattr(tiny.model.config, "vision_feature_layer", None) == -2:
+        # LLaVA reads the tower's second-to-last layer, which leaves a tiny tower's last block unused
+        # (never trained, no gradient): read the last one
+        tiny.model.config.vision_feature_layer = -1
     if rope_theta is not None:
         set_text_rope_theta(tiny.model, rope_theta)
     if init_gain is not None:
         fan_in_init(tiny.model, seed, init_gain)
+    if position_std is not None:
+        vision_position_init(tiny.model, seed, position_std)
     return tiny

@@ -40,12 +40,15 @@ def evaluation_items(testbed: Testbed) -> list[Item]:
     return testbed.held_out() + swap_items(testbed)
 
 
-def score_checkpoint(testbed: Testbed, stage: str, items: Sequence[Item], *, quiet: bool = True) -> np.ndarray:
-    """Exact-match correctness (0/1 per item) of one checkpoint, greedy."""
+def score_checkpoint(testbed: Testbed, stage: str, items: Sequence[Item], *, quiet: bool = True,
+                     detail: bool = False) -> Any:
+    """Correctness (0/1 per item) of one checkpoint's greedy responses, judged by the harness's
+    grader; with ``detail`` the :class:`~vlm_probe.testbed.train.Scored` (responses and verdicts)."""
     with _hf_bars(quiet):
         model, processor = _model_from(testbed.checkpoint(stage))
     encoder = Encoder(model, processor, get_spec(model.config))
-    return evaluate(model, encoder, items).correct
+    scored = evaluate(model, encoder, items)
+    return scored if detail else scored.correct
 
 
 class RLEffect(Result):
@@ -135,7 +138,7 @@ def rl_effect(
     items: list[Item] = []
     builds = {}
     for seed in seeds:
-        testbed = build_testbed(base.replace(seed=seed), quiet=quiet, cache_dir=cache_dir)
+        testbed = build_testbed(base.replace(seed=seed), quiet=quiet, cache_dir=cache_dir, variants=())
         items = evaluation_items(testbed)
         a = score_checkpoint(testbed, "IN", items, quiet=quiet)
         b = score_checkpoint(testbed, "RL", items, quiet=quiet)

@@ -1,51 +1,68 @@
-"""Task families over shape scenes, mirroring the published probes, with one-token answers.
+"""Task families over shape scenes, mirroring the published probes, answered with short traces.
 
 Families (an item's ``family``, the harness's ``category``):
 
 * ``perception``: read the image (counting, colour and shape of a cell, which row/column).
-* ``v2r``: vision-to-reasoning: read the image, then one reasoning step (arithmetic or a
-  comparison over counts).
+* ``v2r``: vision-to-reasoning: read counts from the image, then one reasoning step
+  (arithmetic or a comparison over counts).
 * ``text``: text-only arithmetic and comparison (no image).
 * ``described``: the ``v2r`` questions asked about a text description of the scene, with a
   blank image (the M_v2r condition), so that a model trained here can be scored on it.
 
-A training-only family, ``caption`` ("describe the image ." answered by the scene's full
-description), gives the Base stage dense perception supervision (every shape's colour, kind
-and cell is a target token), as captioning does in real VLM pre-training.
+Every answer ends with "the answer is X" (X one word), which the evaluation harness's grader
+reads. Questions that need reasoning (v2r, described, text) carry a
+:class:`~vlm_probe.testbed.traces.Working` and are answered with its trace
+("2 red shapes . 2 plus 3 = 5 . the answer is 5"); perception questions about one cell or one
+shape first name what they look at ("row 2 column 3 : red circle . the answer is red"), counts
+answer at once ("the answer is 4"). :attr:`Item.response` is the correct response; the cold
+start's demonstrations may carry mistakes (:func:`~vlm_probe.testbed.traces.demonstration`).
 
 Swap pairs (:func:`swap_pair`) put one prompt over two same-size scenes whose answers differ;
 source scenes are minimal edits of their targets (one shape added, recoloured or moved).
 
 Every question, answer and description uses words of the zoo's word-level tokenizer
-(:data:`vlm_probe.testbed.tokenizer.BASE_WORDS`), and every answer is a single word.
+(:data:`vlm_probe.testbed.tokenizer.BASE_WORDS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Union
 
 import numpy as np
 from PIL import Image
 
 from .scenes import BACKGROUND, CELL, COLORS, GRID, SHAPES, Scene, Shape, blank_image, random_scene, render
+from .traces import Count, Step, Working
 
 FAMILIES: tuple[str, ...] = ("perception", "v2r", "text", "described")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 #: Blank-image colours used when training ``described`` items (the harness may use any of them).
 BLANK_COLORS: tuple[tuple[int, int, int], ...] = (BACKGROUND, (255, 255, 255), (128, 128, 128))
 
-QA = tuple[str, str]
-SceneTask = Callable[[np.random.Generator, Scene], QA | None]
+#: How a question is solved: a Working (a trace), or the words naming what a perception answer reads ("" for none).
+Solution = Union[Working, str]
+QA = tuple[str, str, Solution]
+SceneTask = Callable[[np.random.Generator, Scene], Union[QA, None]]
 TextTask = Callable[[np.random.Generator], QA]
+
+
+def respond(answer: str, solution: Solution) -> str:
+    """The correct response: a trace for a :class:`Working`, else ``"<lead> . the answer is X"``."""
+    if isinstance(solution, Working):
+        return solution.trace().text
+    return f"{solution} . the answer is {answer}" if solution else f"the answer is {answer}"
 
 
 @dataclass(frozen=True)
 class Item:
-    """One question with its answer and what the model sees.
+    """One question with its answer, how it is solved, and what the model sees.
 
     ``image`` is ``"scene"`` (the rendered scene), ``"blank"`` (a uniform image of colour
     ``blank_color``, with the scene described in the question) or ``"none"`` (text only).
+    ``answer`` is the one-word gold answer; ``solution`` a :class:`Working` (reasoning
+    questions) or the words a perception answer names first.
     """
 
     id: str
@@ -56,6 +73,7 @@ class Item:
     scene: Scene | None = None
     image: str = "scene"
     blank_color: tuple[int, int, int] = BACKGROUND
+    solution: Solution = ""
 
     def picture(self) -> Image.Image | None:
         """The image the model is shown (None for text-only items)."""
@@ -68,40 +86,57 @@ class Item:
         return None
 
     @property
+    def response(self) -> str:
+        """The correct response (trace or lead, then "the answer is X")."""
+        return respond(self.answer, self.solution)
+
+    @property
+    def working(self) -> Working | None:
+        return self.solution if isinstance(self.solution, Working) else None
+
+    @property
     def key(self) -> str:
         """Identity of the question (scene and question text), used to hold items out of training."""
         return f"{self.scene.key() if self.scene is not None else '-'}|{self.question}"
+
+
+def _solved(question: str, working: Working) -> QA:
+    return question, working.answer, working
 
 
 # ----------------------------------------------------------------------------- perception
 
 
 def _count(rng: np.random.Generator, scene: Scene) -> QA:
-    return "how many shapes are there ?", str(len(scene))
+    return "how many shapes are there ?", str(len(scene)), ""
 
 
 def _count_color(rng: np.random.Generator, scene: Scene) -> QA:
     color = _pick(rng, list(COLORS))
-    return f"how many {color} shapes are there ?", str(scene.count(color=color))
+    return f"how many {color} shapes are there ?", str(scene.count(color=color)), ""
 
 
 def _count_shape(rng: np.random.Generator, scene: Scene) -> QA:
     shape = _pick(rng, list(SHAPES))
-    return f"how many {PLURAL[shape]} are there ?", str(scene.count(shape=shape))
+    return f"how many {PLURAL[shape]} are there ?", str(scene.count(shape=shape)), ""
+
+
+def _cell(s: Shape) -> str:
+    return f"row {s.row} column {s.column} : {s.kind}"
 
 
 def _color_at(rng: np.random.Generator, scene: Scene) -> QA | None:
     if not len(scene):
         return None
     s = _pick(rng, list(scene))
-    return f"what color is the shape in row {s.row} column {s.column} ?", s.color
+    return f"what color is the shape in row {s.row} column {s.column} ?", s.color, _cell(s)
 
 
 def _shape_at(rng: np.random.Generator, scene: Scene) -> QA | None:
     if not len(scene):
         return None
     s = _pick(rng, list(scene))
-    return f"what shape is in row {s.row} column {s.column} ?", s.shape
+    return f"what shape is in row {s.row} column {s.column} ?", s.shape, _cell(s)
 
 
 def _unique(scene: Scene) -> list[Shape]:
@@ -113,7 +148,7 @@ def _row_of(rng: np.random.Generator, scene: Scene) -> QA | None:
     if not unique:
         return None
     s = _pick(rng, unique)
-    return f"which row is the {s.kind} in ?", str(s.row)
+    return f"which row is the {s.kind} in ?", str(s.row), f"{s.kind} : row {s.row}"
 
 
 def _column_of(rng: np.random.Generator, scene: Scene) -> QA | None:
@@ -121,7 +156,7 @@ def _column_of(rng: np.random.Generator, scene: Scene) -> QA | None:
     if not unique:
         return None
     s = _pick(rng, unique)
-    return f"which column is the {s.kind} in ?", str(s.column)
+    return f"which column is the {s.kind} in ?", str(s.column), f"{s.kind} : column {s.column}"
 
 
 # ----------------------------------------------------------------------------- vision-to-reasoning
@@ -129,30 +164,42 @@ def _column_of(rng: np.random.Generator, scene: Scene) -> QA | None:
 
 def _count_plus(rng: np.random.Generator, scene: Scene) -> QA:
     k = int(rng.integers(1, 6))
-    return f"how many shapes are there plus {k} ?", str(len(scene) + k)
+    working = Working((Count("shapes", len(scene)),), (Step("plus", "read0", k),))
+    return _solved(f"how many shapes are there plus {k} ?", working)
 
 
 def _color_plus(rng: np.random.Generator, scene: Scene) -> QA:
     color = _pick(rng, list(COLORS))
     k = int(rng.integers(1, 6))
-    return f"how many {color} shapes are there plus {k} ?", str(scene.count(color=color) + k)
+    working = Working((Count(f"{color} shapes", scene.count(color=color)),), (Step("plus", "read0", k),))
+    return _solved(f"how many {color} shapes are there plus {k} ?", working)
 
 
 def _count_not(rng: np.random.Generator, scene: Scene) -> QA:
     color = _pick(rng, list(COLORS))
-    return f"how many shapes are not {color} ?", str(len(scene) - scene.count(color=color))
+    working = Working(
+        (Count("shapes", len(scene)), Count(f"{color} shapes", scene.count(color=color))),
+        (Step("minus", "read0", "read1"),),
+    )
+    return _solved(f"how many shapes are not {color} ?", working)
 
 
 def _more_color(rng: np.random.Generator, scene: Scene) -> QA:
     a, b = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
-    more = scene.count(color=a) > scene.count(color=b)
-    return f"are there more {a} shapes than {b} shapes ?", "yes" if more else "no"
+    working = Working(
+        (Count(f"{a} shapes", scene.count(color=a)), Count(f"{b} shapes", scene.count(color=b))),
+        (Step("more", "read0", "read1"),),
+    )
+    return _solved(f"are there more {a} shapes than {b} shapes ?", working)
 
 
 def _more_shape(rng: np.random.Generator, scene: Scene) -> QA:
     a, b = (str(s) for s in rng.choice(list(SHAPES), size=2, replace=False))
-    more = scene.count(shape=a) > scene.count(shape=b)
-    return f"are there more {PLURAL[a]} than {PLURAL[b]} ?", "yes" if more else "no"
+    working = Working(
+        (Count(PLURAL[a], scene.count(shape=a)), Count(PLURAL[b], scene.count(shape=b))),
+        (Step("more", "read0", "read1"),),
+    )
+    return _solved(f"are there more {PLURAL[a]} than {PLURAL[b]} ?", working)
 
 
 # ----------------------------------------------------------------------------- text only
@@ -160,23 +207,23 @@ def _more_shape(rng: np.random.Generator, scene: Scene) -> QA:
 
 def _add(rng: np.random.Generator) -> QA:
     a, b = (int(x) for x in rng.integers(0, 10, size=2))
-    return f"what is {a} plus {b} ?", str(a + b)
+    return _solved(f"what is {a} plus {b} ?", Working((), (Step("plus", a, b),)))
 
 
 def _sub(rng: np.random.Generator) -> QA:
     a = int(rng.integers(0, 13))
     b = int(rng.integers(0, a + 1))
-    return f"what is {a} minus {b} ?", str(a - b)
+    return _solved(f"what is {a} minus {b} ?", Working((), (Step("minus", a, b),)))
 
 
 def _add3(rng: np.random.Generator) -> QA:
     a, b, c = (int(x) for x in rng.integers(0, 6, size=3))
-    return f"what is {a} plus {b} plus {c} ?", str(a + b + c)
+    return _solved(f"what is {a} plus {b} plus {c} ?", Working((), (Step("plus", a, b), Step("plus", "step0", c))))
 
 
 def _more(rng: np.random.Generator) -> QA:
     a, b = (int(x) for x in rng.integers(0, 13, size=2))
-    return f"is {a} more than {b} ?", "yes" if a > b else "no"
+    return _solved(f"is {a} more than {b} ?", Working((), (Step("more", a, b),)))
 
 
 PERCEPTION: dict[str, SceneTask] = {
@@ -196,14 +243,12 @@ V2R: dict[str, SceneTask] = {
     "more_shape": _more_shape,
 }
 TEXT: dict[str, TextTask] = {"add": _add, "sub": _sub, "add3": _add3, "more": _more}
-CAPTION: dict[str, SceneTask] = {"describe": lambda rng, scene: ("describe the image .", scene.describe())}
 #: Tasks of each family (``described`` asks the ``v2r`` questions about a description).
 TASKS: dict[str, tuple[str, ...]] = {
     "perception": tuple(PERCEPTION),
     "v2r": tuple(V2R),
     "text": tuple(TEXT),
     "described": tuple(V2R),
-    "caption": ("describe",),
 }
 
 
@@ -236,19 +281,19 @@ def make_item(
     if task not in TASKS[family]:
         raise ValueError(f"Family {family!r} has no task {task!r}; its tasks: {', '.join(TASKS[family])}.")
     if family == "text":
-        question, answer = TEXT[task](rng)
-        return Item(item_id, family, task, question, answer, None, "none")
-    make = {"perception": PERCEPTION, "caption": CAPTION}.get(family, V2R)[task]
+        question, answer, solution = TEXT[task](rng)
+        return Item(item_id, family, task, question, answer, None, "none", solution=solution)
+    make = PERCEPTION[task] if family == "perception" else V2R[task]
     while True:
         scene = random_scene(rng, grid=scenes.grid, min_shapes=scenes.min_shapes, max_shapes=scenes.max_shapes)
         qa = make(rng, scene)
         if qa is not None:
             break
-    question, answer = qa
+    question, answer, solution = qa
     if family == "described":
         color = tuple(blank_colors[int(rng.integers(len(blank_colors)))])
-        return Item(item_id, family, task, f"{scene.describe()} {question}", answer, scene, "blank", color)
-    return Item(item_id, family, task, question, answer, scene, "scene")
+        return Item(item_id, family, task, f"{scene.describe()} {question}", answer, scene, "blank", color, solution)
+    return Item(item_id, family, task, question, answer, scene, "scene", solution=solution)
 
 
 Mixture = tuple[tuple[str, float], ...]

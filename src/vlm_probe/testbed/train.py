@@ -1,15 +1,16 @@
-"""Supervised training (Base and IN stages) and a greedy exact-match evaluator.
+"""Supervised training (Base and IN stages) and greedy scoring with the harness's grader.
 
-:func:`sft` trains on an :class:`~vlm_probe.testbed.tasks.ItemStream` with the loss on the
-answer and stop tokens only (the prompt is context). :func:`evaluate` answers items greedily
-and scores exact matches; it is the testbed's own training-time monitor (the general
-evaluation harness lives in :mod:`vlm_probe.evaluation`).
+:func:`sft` trains on a stream of (item, response) examples with the loss on the response and
+stop tokens only (the prompt is context). :func:`evaluate` answers items greedily with the
+shared-prefix decoder and judges each response with :func:`vlm_probe.evaluation.grade`, the
+one grader of the project (the response is decoded exactly as the harness decodes a
+generation, so the testbed's verdict on an item equals the harness's verdict on the same text).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .decoding import complete, decode_answers
+from ..evaluation.grading import grade
+from .decoding import complete, decode_responses
 from .encoding import Encoded, Encoder
 from .tasks import Item
+
+#: One supervised example: an item and the response to teach (its correct response, or a demonstration).
+Example = tuple[Item, str]
+
+
+def examples(items: Iterable[Item]) -> Iterator[Example]:
+    """Items paired with their correct responses."""
+    return ((item, item.response) for item in items)
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -44,7 +54,7 @@ def target_loss(model: Any, encoded: Encoded) -> tuple[torch.Tensor, int]:
 def sft(
     model: Any,
     encoder: Encoder,
-    stream: Iterator[Item],
+    stream: Iterator[Example],
     *,
     steps: int,
     batch_size: int,
@@ -55,9 +65,10 @@ def sft(
     desc: str = "sft",
     quiet: bool = False,
 ) -> list[float]:
-    """Train ``model`` in place on ``steps`` batches from ``stream``; returns the loss per step.
+    """Train ``model`` in place on ``steps`` batches of (item, response) from ``stream``; returns
+    the loss per step.
 
-    The loss is the mean cross-entropy of the answer and stop tokens; AdamW with linear
+    The loss is the mean cross-entropy of the response and stop tokens; AdamW with linear
     warm-up and cosine decay; gradients clipped to norm ``clip``.
     """
     model.train()
@@ -67,8 +78,8 @@ def sft(
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
     for _ in bar:
-        items = [next(stream) for _ in range(batch_size)]
-        parts = encoder(items, targets=True)
+        batch = [next(stream) for _ in range(batch_size)]
+        parts = encoder([item for item, _ in batch], targets=[response for _, response in batch])
         total = sum(int(p.n_target.sum()) for p in parts)
         step_loss = 0.0
         for part in parts:
@@ -88,21 +99,26 @@ def sft(
 
 @dataclass(frozen=True)
 class Scored:
-    """Greedy answers to items and whether each matches exactly."""
+    """Greedy responses to items and the harness grader's verdict on each."""
 
     items: list[Item]
-    predictions: list[str]
+    responses: list[str]
+    verdicts: list[bool]
 
     @property
     def correct(self) -> np.ndarray:
-        return np.array([p == item.answer for p, item in zip(self.predictions, self.items)], dtype=float)
+        return np.array(self.verdicts, dtype=float)
 
     def accuracy(self, by: str = "family") -> dict[str, float]:
-        """Mean exact-match accuracy per ``family`` or ``task``."""
+        """Mean accuracy per ``family`` or ``task``."""
         out: dict[str, list[float]] = {}
         for item, ok in zip(self.items, self.correct):
             out.setdefault(getattr(item, by), []).append(ok)
         return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+#: Enough new tokens for the longest trace (two reads, a step, the answer) and its stop token.
+MAX_NEW_TOKENS = 24
 
 
 @torch.no_grad()
@@ -112,18 +128,21 @@ def evaluate(
     items: Sequence[Item],
     *,
     batch_size: int = 128,
-    max_new_tokens: int = 3,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     quiet: bool = True,
 ) -> Scored:
-    """Greedy answers (up to the stop token) for ``items``, in order, with exact-match scoring."""
+    """Greedy responses (up to the stop token) for ``items``, in order, graded by
+    :func:`vlm_probe.evaluation.grade` against each item's answer."""
     was_training = model.training
     model.eval()
-    predictions: dict[str, str] = {}
+    responses: dict[str, str] = {}
     chunks = range(0, len(items), batch_size)
     for start in tqdm(chunks, desc="evaluate", disable=quiet, leave=False):
-        for part in encoder(list(items[start : start + batch_size])):
-            tokens = complete(model, encoder, part, max_new_tokens=max_new_tokens)
-            for item, answer in zip(part.items, decode_answers(encoder, tokens)):
-                predictions[item.id] = answer
+        parts = encoder(list(items[start : start + batch_size]))
+        tokens = complete(model, encoder, parts, max_new_tokens=max_new_tokens)  # one decode loop for all parts
+        ordered = [item for part in parts for item in part.items]
+        for item, generation in zip(ordered, decode_responses(encoder, tokens)):
+            responses[item.id] = generation.text
     model.train(was_training)
-    return Scored(list(items), [predictions[item.id] for item in items])
+    texts = [responses[item.id] for item in items]
+    return Scored(list(items), texts, [grade(text, item.answer).correct for text, item in zip(texts, items)])

@@ -1,0 +1,69 @@
+"""How many CPU threads torch uses: one decision for the whole project.
+
+On the small machines vlm_probe is often run on, torch's default (one intra-op thread per
+core) collapses when another process holds a core: the threads wait on each other at every
+operation. Measured on a 2-core machine with one other busy process, a testbed training step
+went from 0.25 s to 4-20 s with two threads and kept its speed with one; `vlm-probe weights`
+took 153-169 s instead of 6 s. :func:`default_threads` therefore leaves a core per busy
+process and never uses more than half the machine's cores; ``VLM_PROBE_THREADS`` overrides it.
+Parallel work (the testbed's RL runs) goes to separate single-threaded processes instead, which
+share a busy machine without collapsing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+ENV = "VLM_PROBE_THREADS"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """``$VLM_PROBE_THREADS`` if set, else ``min(cores // 2, cores - busy)``, at least 1, where
+    ``busy`` is the 1-minute load average rounded up (1 on a 2-core machine)."""
+    if os.environ.get(ENV):
+        value = os.environ[ENV]
+        if not value.isdigit() or int(value) < 1:
+            from .errors import InputError
+
+            raise InputError(f"{ENV}={value!r}: give a whole number of threads, at least 1.")
+        return int(value)
+    cores = usable_cores()
+    try:
+        busy = math.ceil(os.getloadavg()[0] - 0.25)
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cores // 2, cores - max(0, busy)))
+
+
+def default_workers() -> int:
+    """Processes for independent single-threaded jobs: the usable cores (at least 1, at most 4)."""
+    return max(1, min(4, usable_cores()))
+
+
+@contextmanager
+def torch_threads(n: int | None = None) -> Iterator[int]:
+    """Run the block with ``n`` torch intra-op threads (None: :func:`default_threads`); restored after."""
+    wanted = default_threads() if n is None else int(n)
+    if wanted < 1:
+        from .errors import InputError
+
+        raise InputError(f"threads must be at least 1, got {n}.")
+    before = torch.get_num_threads()
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(before)
