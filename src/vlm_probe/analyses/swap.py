@@ -189,8 +189,8 @@ def vision_swap_sweep(
                         rows_sel[i * b : (i + 1) * b] = True
                     mask = vis_mask & rows_sel[:, None]
                     src_k, src_v = kv[layer]
-                    site_ops.edit(vlm, "k", layer, mask, torch.cat([src_k] * len(covered)))
-                    site_ops.edit(vlm, "v", layer, mask, torch.cat([src_v] * len(covered)))
+                    site_ops.edit(vlm, "k", layer, batch, mask, torch.cat([src_k] * len(covered)))
+                    site_ops.edit(vlm, "v", layer, batch, mask, torch.cat([src_v] * len(covered)))
                 ids = tracer.result.save()
             answers = decode_new(vlm, ids, batch.width, eos_ids(vlm, config))
             for i, start in enumerate(chunk):
