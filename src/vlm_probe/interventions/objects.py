@@ -65,6 +65,8 @@ class Intervention:
     kind: ClassVar[str] = ""
     #: whether it also acts at every generated token (else at the prompt only)
     decode: ClassVar[bool] = False
+    #: whether it can act by editing the KV cache of earlier columns (see ``cache_column``)
+    edits_cache: ClassVar[bool] = False
     _kinds: ClassVar[dict[str, type[Intervention]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -472,6 +474,7 @@ class SwapKV(Intervention):
     positions: PositionSpec = "vision"
     source: str = "source"
     kind: ClassVar[str] = "swap_kv"
+    edits_cache: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
@@ -540,8 +543,16 @@ class SwapKV(Intervention):
         source_cache, base_cache = getattr(source, "cache", None), getattr(base, "cache", None)
         if source_cache is None or base_cache is None or not same_positions(source_cache, base_cache):
             return None
-        columns = self._mask(vlm, batch).any(0).nonzero()
-        return int(columns[-1]) + 1 if len(columns) else None
+        mask = self._mask(vlm, batch)
+        columns = mask.any(0).nonzero()
+        if not len(columns):
+            return None
+        start = int(columns[-1]) + 1
+        for row in mask:  # a text token between swapped ones (Idefics3's tile markers) reads the swap: rerun it
+            first = row.nonzero()
+            if len(first) and not bool(row[int(first[0]) : start].all()):
+                return None
+        return start
 
     def sources(self, vlm: Any) -> dict[str, set[tuple[str, int]]]:
         return {self.source: {(name, layer) for layer in self.indices(vlm) for name in ("k", "v")}}

@@ -207,6 +207,9 @@ class Capabilities:
     def stage_rank(self, stage: str) -> int:
         """Rank of an execution stage (``embed``, ``vision``, ``projector``, ``decoder``,
         ``final``, ``output``) in this family's forward, measured once with a probe input."""
+        static = {"decoder": 10, "final": 11, "output": 12}
+        if stage in static:
+            return static[stage]
         if self._stage_rank is None:
             object.__setattr__(self, "_stage_rank", self._measure_stage_order())
         return self._stage_rank[stage]
@@ -228,7 +231,7 @@ class Capabilities:
         ranks = {name: i for i, name in enumerate(dict.fromkeys(order))}
         if len(ranks) != 3:
             raise SpecMismatchError(f"{self.spec.display_name}: the probe forward did not run {sorted(set(modules) - set(ranks))}.")
-        return {**ranks, "decoder": 10, "final": 11, "output": 12}
+        return ranks
 
     # ------------------------------------------------------------------ vision tensors
 
