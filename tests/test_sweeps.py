@@ -265,10 +265,18 @@ def test_results_save_and_load(setup, tmp_path) -> None:
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="accelerate's launcher is not installed")
 def test_sweep_split_across_two_processes_equals_one(tmp_path, setup) -> None:
-    vlm, _, batch = setup
+    """logit_diff (per-sample target tokens) and per-sample graders on 3 samples split 2 + 1
+    over two gloo processes give exactly the one-process table."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    try:
+        from dp_common import graders, metric, prompts
+    finally:
+        sys.path.pop(0)
+    vlm, tiny, _ = setup
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    out = tmp_path / "two.parquet"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two.pkl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE / "scripts"), *sys.path])}
     proc = subprocess.run(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", str(HERE / "scripts" / "dp_sweep.py"), str(out)],
@@ -276,10 +284,26 @@ def test_sweep_split_across_two_processes_equals_one(tmp_path, setup) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "world=(1, 2)" in proc.stdout, "the sweep did not run in two processes"
-    two = pd.read_parquet(out)
-    one = sweep(vlm, batch[:2], batch[2:], site=["layer_out", "mlp_out"], positions=["vision", "last"],
-                metric=M.kl_to_clean(), progress=False).frame
-    pd.testing.assert_frame_equal(one, two, atol=1e-5, rtol=0)
+    two = pd.read_pickle(out)
+    clean, corrupt = prompts(vlm, tiny)
+    one = sweep(vlm, clean, corrupt, site=["layer_out", "mlp_out"], positions=["vision", "last"],
+                metric=metric(vlm), progress=False).frame
+    pd.testing.assert_frame_equal(one, two["patching"], atol=1e-5, rtol=0)
+    ablation = layer_ablation_sweep(vlm, corrupt, grader=graders(), max_new_tokens=3, progress=False).frame
+    pd.testing.assert_frame_equal(ablation, two["ablation"])
+    assert ablation["correct"].any() and not ablation["correct"].all()
+
+
+def test_parallelism_is_never_switched_on_by_the_environment(setup, monkeypatch) -> None:
+    """Inside a torchrun job (WORLD_SIZE set) a sweep still runs every sample unless asked."""
+    from vlm_probe.analyses.parallel import shard_indices, world
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert world() == (0, 1) and shard_indices(5) == [0, 1, 2, 3, 4]
+    vlm, _, batch = setup
+    frame = sweep(vlm, batch[:2], batch[2:], layers=[0], metric=M.kl_to_clean(), progress=False).frame
+    assert sorted(set(frame["sample"])) == [0, 1]
 
 
 def test_answer_sweep_matches_single_patched_generations(setup) -> None:
