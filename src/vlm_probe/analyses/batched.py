@@ -185,7 +185,7 @@ def capture(
         cache: also keep the KV cache (None when the family is not causal or a layer's
             cache does not hold every position, e.g. a sliding window shorter than the batch).
     """
-    ordered = sorted(set(sites), key=lambda s: S.order(vlm, *s))
+    ordered = list(dict.fromkeys(sites))
     has_images = bool(batch.layout.mask("vision").any())
     cache = cache and vlm.causal_text
     snap = past = positions = None  # values leave a trace only when saved: define the fallbacks outside
@@ -206,9 +206,7 @@ def capture(
             with tracer.invoke():  # its own invoke: the tower's output comes before or after the projector
                 snap = nnsight.save(_snapshot(vlm.vision.root.output))
         if ordered:
-            with tracer.invoke():
-                acts = nnsight.save([S.read(vlm, name, index)[:, start:] if S.site(name).tokens and start
-                                     else S.read(vlm, name, index) for name, index in ordered])
+            acts = S.read_many(vlm, tracer, ordered, start)
     prefix = None
     if past is not None:
         layers = [(layer.keys, layer.values) for layer in past.layers]

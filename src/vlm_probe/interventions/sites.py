@@ -32,7 +32,7 @@ the same trace are never changed behind the user's back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -187,6 +187,31 @@ def order(vlm: Any, name: str, index: int = 0) -> tuple[int, int, int]:
         return (vlm.stage_rank("decoder"), index, DECODER_ORDER[name])
     entry = site(name)
     return (vlm.stage_rank(entry.stage), index, entry.sub)
+
+
+def read_many(vlm: Any, tracer: Any, pairs: Sequence[tuple[str, int]], columns: int = 0) -> list[Any]:
+    """Inside a trace, read many ``(site, index)`` activations: one invoke per stage, each in
+    execution order (so no two stages' relative order is assumed). Token-site activations keep
+    columns ``columns:``.
+
+    Returns:
+        A list that holds, once the trace has run, the values in the order of ``pairs``.
+    """
+    import nnsight
+
+    pairs = list(pairs)
+    by_stage: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(pairs):
+        by_stage.setdefault(site(name).stage, []).append(i)
+    box = nnsight.save([None] * len(pairs))
+    for members in by_stage.values():
+        members = sorted(members, key=lambda i: (pairs[i][1], site(pairs[i][0]).sub))
+        with tracer.invoke():
+            for i in members:
+                name, index = pairs[i]
+                value = site(name).read(vlm, index)
+                box[i] = value[:, columns:] if site(name).tokens and columns else value
+    return box
 
 
 def read(vlm: Any, name: str, layer: int = 0) -> Tensor:

@@ -144,18 +144,30 @@ class Capabilities:
 
     # ------------------------------------------------------------------ readout
 
-    def readout(self, states: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+    def readout(self, states: Float[Tensor, "... d_model"], *, grad: bool = False) -> Float[Tensor, "... vocab"]:
         """The model's own readout of residual states: final norm, unembedding, and the final
-        logit soft-cap where the family has one (float32 logits)."""
+        logit soft-cap where the family has one (float32 logits).
+
+        Args:
+            grad: keep the graph to ``states`` (for training translators; the readout's own
+                parameters stay frozen, and their flags are restored afterwards).
+        """
         hf = self.hf
         norm = hf.get_submodule(self.spec.final_norm)
         head = hf.get_submodule(self.spec.lm_head)
-        with torch.no_grad():
-            param = next(head.parameters())
-            logits = head(norm(states.to(param.device, param.dtype)))
-            cap = getattr(self.text_config, "final_logit_softcapping", None)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+        params = [*norm.parameters(), *head.parameters()]
+        flags = [p.requires_grad for p in params]
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            with torch.set_grad_enabled(grad):
+                logits = head(norm(states.to(params[-1].device, params[-1].dtype)))
+                cap = getattr(self.text_config, "final_logit_softcapping", None)
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
         return logits.float()
 
     # ------------------------------------------------------------------ attention
