@@ -144,3 +144,38 @@ def test_different_masks_get_different_labels_and_increments_warn(pair) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer_increments(cumulative)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_registered_site_reads_in_registry_order_on_every_family(zoo, family: str) -> None:
+    """One invoke reading every site of the registry in its execution order never runs past
+    one (embeddings run before the vision tower in most families, after it in Mllama), and a
+    skipped vision block equals a torch hook returning the block's input."""
+    from vlm_probe.interventions import sites as S
+
+    tiny = zoo(family)
+    vlm = vlm_probe.load(tiny)
+    batch = vlm.prepare(PROMPTS, [[tiny.image(1)], [tiny.image(2)]])
+    pairs = [(name, index) for name in S.SITES for index in S.indices(vlm, name)]
+    pairs.sort(key=lambda p: S.order(vlm, *p))
+    with torch.no_grad(), vlm.trace(batch):
+        values = vlm_probe.model.wrapper.nnsight.save([S.read(vlm, name, index) for name, index in pairs])
+    for (name, index), value in zip(pairs, values):
+        assert isinstance(value, torch.Tensor) and value.dim() >= 2, name
+        cross = S.site(name).stage == "decoder" and vlm.layers[index].is_cross_attention and name in ("k", "v")
+        if S.site(name).tokens and not cross:  # a cross-attention layer's keys and values run over the image
+            assert value.shape[:2] == (len(batch), batch.width), name
+    assert (S.order(vlm, "embed") > S.order(vlm, "vision_out", 0)) == (family == "mllama")
+    block = vlm.vision.blocks[0]._module
+    handle = block.register_forward_hook(
+        lambda m, args, kwargs, out: (args or tuple(kwargs.values()))[0] if not isinstance(out, tuple)
+        else ((args or tuple(kwargs.values()))[0], *out[1:]), with_kwargs=True, prepend=True)
+    try:
+        with torch.no_grad():
+            expected = vlm.hf(**batch.inputs).logits
+    finally:
+        handle.remove()
+    with torch.no_grad(), vlm.trace(batch):
+        Skip(0, "vision_out").apply(vlm, batch)
+        logits = vlm.lm_head.output.save()
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)

@@ -298,6 +298,11 @@ def edit(
         entry.write(vlm, layer, new)
         return new
     columns = part.shape[1]
+    if mask is not None and (mask.shape[1] < scope.start + columns or part.shape[0] != mask.shape[0]):
+        raise InputError(
+            f"{name!r} of layer {layer} is {tuple(current.shape)}, not [batch, seq, ...] over this batch's "
+            "positions (the keys and values of a cross-attention layer run over the image, not the text)."
+        )
     if mask is None:
         selected = torch.ones(part.shape[:2], dtype=torch.bool, device=part.device)
     else:
