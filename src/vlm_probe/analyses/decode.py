@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -24,6 +24,9 @@ from transformers import GenerationConfig
 from ..errors import InputError
 from ..model.inputs import Batch, ForwardInputs
 from .batched import tile
+
+if TYPE_CHECKING:
+    from ..model.wrapper import VLM
 
 #: fields of a GenerationConfig that would change greedy decoding, with their neutral values
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -68,7 +71,7 @@ class DecodeState:
     extra: dict[str, Tensor]  #: per-token text fields the model wants at a decode step (last column)
 
 
-def prefill_state(vlm: Any, batch: Batch, k: int, cache: Any, positions: Tensor | None) -> DecodeState:
+def prefill_state(vlm: VLM, batch: Batch, k: int, cache: Any, positions: Tensor | None) -> DecodeState:
     """The decode state after a prefill of ``batch`` repeated ``k`` times.
 
     Args:
@@ -96,7 +99,7 @@ def suppress(logits: Float[Tensor, "rows vocab"], config: GenerationConfig) -> F
 
 
 def greedy(
-    vlm: Any,
+    vlm: VLM,
     state: DecodeState,
     first: Float[Tensor, "rows vocab"],
     config: GenerationConfig,

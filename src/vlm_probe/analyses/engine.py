@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nnsight
 import torch
@@ -54,6 +54,9 @@ from .batched import Capture, answer_index, capture, keep_logits, metric_index, 
 from .decode import check_greedy, greedy, prefill_state
 from .generation import Generation, decode_rows
 from .options import RunOptions
+
+if TYPE_CHECKING:
+    from ..model.wrapper import VLM
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class Source:
     """A run interventions read activations from: a model (another checkpoint, or the same)
     on a batch of the same samples and width."""
 
-    vlm: Any
+    vlm: VLM
     batch: Batch
 
 
@@ -125,7 +128,8 @@ Readout = Logits | AnswerLogprob | Greedy
 class EngineRun:
     """What :func:`run` returns."""
 
-    outputs: list[Any]  #: per variant: [batch, vocab] logits, [batch] log-probs, or a list of Generations
+    #: per variant: ``Float[Tensor, "batch vocab"]`` logits, ``Float[Tensor, " batch"]`` log-probs, or ``list[Generation]``
+    outputs: list[Any]
     base: Capture  #: the unedited run (its ``logits`` at a Logits readout's position)
     sources: dict[str, Capture] = field(default_factory=dict)  #: the captured source runs (their logits too)
     forwards: int = 0  #: batched forwards run (prefills; decode steps not counted)
@@ -139,7 +143,7 @@ class _Plan:
 
 
 def run(
-    vlm: Any,
+    vlm: VLM,
     batch: Batch,
     variants: Sequence[Variant | Sequence[Intervention]],
     readout: Readout,
@@ -183,35 +187,14 @@ def run(
                 for name, src in sources.items()}
     shared = {**captured, **dict(values or {})}
 
-    # where each variant acts, first assuming the base run's cache is usable (to size what it keeps)
-    def plans(base: Capture | None) -> list[_Plan]:
-        context = {**shared, "base": base}
-        cache_ok = options.reuse and vlm.causal_text and (base is None or base.cache is not None)
-        out = []
-        for variant in variants:
-            ivs = variant.interventions
-            layer = min((iv.first_layer(vlm) for iv in ivs), default=depth)
-            column = readout.first_column(batch)
-            for iv in ivs:
-                by_cache = None
-                if cache_ok and iv.edits_cache:  # before the base run: assume its positions are the source's
-                    by_cache = iv.cache_column(vlm, batch, context if base is not None
-                                               else {**context, "base": captured.get(getattr(iv, "source", ""))})
-                column = min(column, by_cache if by_cache is not None else iv.first_column(vlm, batch))
-            start = column if cache_ok and vlm.suffix_rerun_valid(batch, column) else 0
-            layer = max(layer, 0) if options.reuse else 0
-            if isinstance(readout, Greedy) and base is not None and base.cache is None:
-                layer = 0  # replayed layers would leave holes in the cache the generation continues over
-            out.append(_Plan(layer, start, any(iv.touches_vision(vlm) for iv in ivs)))
-        return out
-
-    guess = plans(None)
+    # where each variant acts: first assuming the base run's cache is usable (to size what it keeps)
+    guess = _plan(vlm, batch, variants, readout, options, shared, captured, None)
     replaying = [p for p in guess if p.layer > 0]
     keep_from = min((p.start for p in replaying), default=0)
     deepest = max((p.layer for p in replaying), default=0)
     base = capture(vlm, batch, [("layer_out", j) for j in range(deepest)], logits_at, vision=options.reuse,
                    cache=options.reuse, start=keep_from)
-    final = plans(base)
+    final = _plan(vlm, batch, variants, readout, options, shared, captured, base)
     for p in final:  # without the cache, starts fall to 0: replay only what was kept
         if p.layer > 0 and (p.start < keep_from or p.layer > deepest):
             p.layer = 0
@@ -233,8 +216,35 @@ def run(
     return EngineRun(outputs, base, captured, len(schedule))
 
 
+def _plan(
+    vlm: VLM, batch: Batch, variants: list[Variant], readout: Readout, options: RunOptions,
+    shared: Mapping[str, Any], captured: Mapping[str, Capture], base: Capture | None,
+) -> list[_Plan]:
+    """For each variant: the decoder layers it can replay, the first column it must rerun, and
+    whether it edits the vision tower (``base=None``: before the base run, assuming its cache)."""
+    context = {**shared, "base": base}
+    cache_ok = options.reuse and vlm.causal_text and (base is None or base.cache is not None)
+    out = []
+    for variant in variants:
+        ivs = variant.interventions
+        layer = min((iv.first_layer(vlm) for iv in ivs), default=vlm.n_layers)
+        column = readout.first_column(batch)
+        for iv in ivs:
+            by_cache = None
+            if cache_ok and iv.edits_cache:  # before the base run: assume its positions are the source's
+                by_cache = iv.cache_column(vlm, batch, context if base is not None
+                                           else {**context, "base": captured.get(getattr(iv, "source", ""))})
+            column = min(column, by_cache if by_cache is not None else iv.first_column(vlm, batch))
+        start = column if cache_ok and vlm.suffix_rerun_valid(batch, column) else 0
+        layer = max(layer, 0) if options.reuse else 0
+        if isinstance(readout, Greedy) and base is not None and base.cache is None:
+            layer = 0  # replayed layers would leave holes in the cache the generation continues over
+        out.append(_Plan(layer, start, any(iv.touches_vision(vlm) for iv in ivs)))
+    return out
+
+
 def _run_chunk(
-    vlm: Any, batch: Batch, variants: list[Variant], plans: list[_Plan], readout: Readout, base: Capture,
+    vlm: VLM, batch: Batch, variants: list[Variant], plans: list[_Plan], readout: Readout, base: Capture,
     values: Mapping[str, Any],
 ) -> list[Any]:
     """One batched forward (and, for greedy answers, one decode loop) for a chunk of variants."""
@@ -291,7 +301,7 @@ def _run_chunk(
 
 
 def _decode(
-    vlm: Any, batch: Batch, variants: list[Variant], readout: Greedy, base: Capture, values: Mapping[str, Any],
+    vlm: VLM, batch: Batch, variants: list[Variant], readout: Greedy, base: Capture, values: Mapping[str, Any],
     first: Float[Tensor, "rows vocab"], cache: Any, positions: Tensor | None, start: int, shallowest: int,
 ) -> list[list[Generation]]:
     n, k = len(batch), len(variants)
@@ -314,7 +324,7 @@ def _decode(
 
 
 def rerun(
-    vlm: Any,
+    vlm: VLM,
     batch: Batch,
     variant: Variant | str,
     readout: Readout,

@@ -20,7 +20,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch import Tensor
 
 from ..errors import InputError
 from ..interventions import sites as S

@@ -26,7 +26,7 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -35,6 +35,9 @@ from ..errors import InputError, InterventionError
 from ..model.inputs import Batch
 from . import sites as S
 from .positions import PositionSpec, column_mask, positions_label, positions_from_json, positions_to_json, resolve_positions
+
+if TYPE_CHECKING:
+    from ..model.wrapper import VLM
 
 Source = Any  #: a tensor, a mapping (site, index) -> tensor, or a run with ``.activations`` (and ``.cache``)
 
@@ -76,7 +79,7 @@ class Intervention:
 
     # ------------------------------------------------------------------ acting
 
-    def apply(self, vlm: Any, where: S.Scope | Batch | None, **values: Any) -> Any:
+    def apply(self, vlm: VLM, where: S.Scope | Batch | None, **values: Any) -> Any:
         """Apply it inside a running trace (or generation step).
 
         Args:
@@ -87,24 +90,24 @@ class Intervention:
 
     # ------------------------------------------------------------------ where it acts (for planning runs)
 
-    def first_layer(self, vlm: Any) -> int:
+    def first_layer(self, vlm: VLM) -> int:
         """The first decoder layer whose computation it changes (-1: before the decoder)."""
         return -1
 
-    def first_column(self, vlm: Any, batch: Batch) -> int:
+    def first_column(self, vlm: VLM, batch: Batch) -> int:
         """The first column (position) whose activations it changes."""
         return 0
 
-    def cache_column(self, vlm: Any, batch: Batch, values: Mapping[str, Any]) -> int | None:
+    def cache_column(self, vlm: VLM, batch: Batch, values: Mapping[str, Any]) -> int | None:
         """If it can also act by editing the KV cache of the earlier columns: the first column
         that must still be rerun. ``None``: it cannot."""
         return None
 
-    def touches_vision(self, vlm: Any) -> bool:
+    def touches_vision(self, vlm: VLM) -> bool:
         """Whether it edits the vision tower or the projector (their output cannot be replayed then)."""
         return False
 
-    def sources(self, vlm: Any) -> dict[str, set[tuple[str, int]]]:
+    def sources(self, vlm: VLM) -> dict[str, set[tuple[str, int]]]:
         """Activations it reads from named runs: ``{run name: {(site, index), ...}}``."""
         return {}
 
@@ -173,11 +176,11 @@ def _column(mask: Tensor) -> int:
     return int(columns[0]) if len(columns) else 1 << 30
 
 
-def _site_positions(vlm: Any, batch: Batch, site: str, positions: PositionSpec, what: str) -> Tensor | None:
+def _site_positions(vlm: VLM, batch: Batch, site: str, positions: PositionSpec, what: str) -> Tensor | None:
     """The ``[batch, seq]`` mask of a token site, or ``None`` (all units) for vision and projector sites."""
     if S.site(site).tokens:
         return resolve_positions(batch, positions, vlm=vlm, what=what)
-    if positions not in ("all", "vision"):
+    if not (isinstance(positions, str) and positions in ("all", "vision")):
         raise InputError(f"Site {site!r} has no token positions (its units are images or patches); use positions='all'.")
     return None
 
@@ -191,20 +194,20 @@ class _SiteIntervention(Intervention):
     def __post_init__(self) -> None:
         S.check_site(self.site)
 
-    def index(self, vlm: Any) -> int:
+    def index(self, vlm: VLM) -> int:
         return S.index_of(vlm, self.site, self.layer)
 
-    def first_layer(self, vlm: Any) -> int:
+    def first_layer(self, vlm: VLM) -> int:
         stage = S.site(self.site).stage
         if stage == "decoder":
             return self.index(vlm)
         return vlm.n_layers if stage == "final" else -1
 
-    def first_column(self, vlm: Any, batch: Batch) -> int:
+    def first_column(self, vlm: VLM, batch: Batch) -> int:
         mask = _site_positions(vlm, batch, self.site, self.positions, self.kind)
         return 0 if mask is None else _column(mask)
 
-    def touches_vision(self, vlm: Any) -> bool:
+    def touches_vision(self, vlm: VLM) -> bool:
         return S.site(self.site).stage in ("vision", "projector")
 
     def where(self) -> str:
@@ -223,7 +226,7 @@ class Patch(_SiteIntervention):
     source: str = "source"
     kind: ClassVar[str] = "patch"
 
-    def apply(self, vlm: Any, where: S.Scope | Batch | None, **values: Any) -> Tensor | None:
+    def apply(self, vlm: VLM, where: S.Scope | Batch | None, **values: Any) -> Tensor | None:
         scope = as_scope(where, values)
         if scope.step:
             return None
@@ -232,7 +235,7 @@ class Patch(_SiteIntervention):
         value = activation(scope.value(self.source, "Patch"), self.site, index)
         return S.edit(vlm, self.site, index, scope, mask, value)
 
-    def sources(self, vlm: Any) -> dict[str, set[tuple[str, int]]]:
+    def sources(self, vlm: VLM) -> dict[str, set[tuple[str, int]]]:
         return {self.source: {(self.site, self.index(vlm))}}
 
     def label(self) -> str:
@@ -257,7 +260,7 @@ class Ablate(_SiteIntervention):
         if self.mode not in ("zero", "mean", "resample"):
             raise InputError(f"Unknown ablation mode {self.mode!r}; use 'zero', 'mean' or 'resample'.")
 
-    def apply(self, vlm: Any, where: S.Scope | Batch | None, **values: Any) -> Tensor | None:
+    def apply(self, vlm: VLM, where: S.Scope | Batch | None, **values: Any) -> Tensor | None:
         scope = as_scope(where, values)
         if scope.step:
             return None
@@ -303,7 +306,7 @@ class Add(_SiteIntervention):
     def acts_at_decode(self) -> bool:
         return self.every_step
 
-    def apply(self, vlm: Any, where: S.Scope | Batch | None, **values: Any) -> Tensor | None:
+    def apply(self, vlm: VLM, where: S.Scope | Batch | None, **values: Any) -> Tensor | None:
         scope = as_scope(where, values)
         if scope.step and not self.every_step:
             return None
@@ -316,7 +319,7 @@ class Add(_SiteIntervention):
             mask = column_mask(scope.batch, self.positions, torch.arange(scope.start + columns), vlm=vlm, what="Add")
         return S.edit(vlm, self.site, index, scope, mask, lambda current: current + shift.to(current.dtype))
 
-    def first_column(self, vlm: Any, batch: Batch) -> int:
+    def first_column(self, vlm: VLM, batch: Batch) -> int:
         return _column(column_mask(batch, self.positions, torch.arange(batch.width), vlm=vlm, what="Add"))
 
     def label(self) -> str:
@@ -338,10 +341,10 @@ class Skip(Intervention):
         if self.site not in S.SKIP_INPUT:
             raise InputError(f"Skip takes site 'layer_out' (a decoder layer) or 'vision_out' (a vision block); got {self.site!r}.")
 
-    def index(self, vlm: Any) -> int:
+    def index(self, vlm: VLM) -> int:
         return S.index_of(vlm, self.site, self.layer)
 
-    def apply(self, vlm: Any, where: S.Scope | Batch | None, **values: Any) -> Tensor | None:
+    def apply(self, vlm: VLM, where: S.Scope | Batch | None, **values: Any) -> Tensor | None:
         scope = as_scope(where, values)
         index = self.index(vlm)
         if self.site == "vision_out" and scope.step:
@@ -350,10 +353,10 @@ class Skip(Intervention):
         rows = scope.rows(identity.shape[0])
         return S.edit(vlm, self.site, index, scope, None, lambda current: identity[rows].reshape(current.shape))
 
-    def first_layer(self, vlm: Any) -> int:
+    def first_layer(self, vlm: VLM) -> int:
         return self.index(vlm) if self.site == "layer_out" else -1
 
-    def touches_vision(self, vlm: Any) -> bool:
+    def touches_vision(self, vlm: VLM) -> bool:
         return self.site == "vision_out"
 
     def label(self) -> str:
@@ -382,10 +385,10 @@ class Knockout(Intervention):
         if self.heads is not None:
             object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
 
-    def index(self, vlm: Any) -> int:
+    def index(self, vlm: VLM) -> int:
         return vlm.layer_index(self.layer)
 
-    def apply(self, vlm: Any, where: S.Scope | Batch | None, **values: Any) -> None:
+    def apply(self, vlm: VLM, where: S.Scope | Batch | None, **values: Any) -> None:
         scope = as_scope(where, values)
         index = self.index(vlm)
         sites = vlm.layers[index]
@@ -407,10 +410,10 @@ class Knockout(Intervention):
                              scope.rows(int(hidden.shape[0])), int(hidden.shape[0]), hidden.device)
         sites.attn.inputs = (args, {**kwargs, "attention_mask": mask})
 
-    def first_layer(self, vlm: Any) -> int:
+    def first_layer(self, vlm: VLM) -> int:
         return self.index(vlm)
 
-    def first_column(self, vlm: Any, batch: Batch) -> int:
+    def first_column(self, vlm: VLM, batch: Batch) -> int:
         return _column(column_mask(batch, self.queries, torch.arange(batch.width), vlm=vlm, what="knockout queries"))
 
     def label(self) -> str:
@@ -481,14 +484,14 @@ class SwapKV(Intervention):
         if not self.layers:
             raise InputError("SwapKV needs at least one layer.")
 
-    def indices(self, vlm: Any) -> list[int]:
+    def indices(self, vlm: VLM) -> list[int]:
         return sorted(set(vlm.layer_indices(self.layers)))
 
-    def _mask(self, vlm: Any, batch: Batch) -> Tensor:
+    def _mask(self, vlm: VLM, batch: Batch) -> Tensor:
         vlm.require_image_positions("the vision key/value swap")
         return resolve_positions(batch, self.positions, vlm=vlm, what="the vision key/value swap")
 
-    def apply(self, vlm: Any, where: S.Scope | Batch | None, **values: Any) -> None:
+    def apply(self, vlm: VLM, where: S.Scope | Batch | None, **values: Any) -> None:
         scope = as_scope(where, values)
         if scope.step:
             return
@@ -516,7 +519,7 @@ class SwapKV(Intervention):
                 if bool(mask[:, scope.start :].any()):
                     S.edit(vlm, name, layer, scope, mask, value)
 
-    def _edit_cache(self, vlm: Any, scope: S.Scope, source: Source, cached: Tensor) -> None:
+    def _edit_cache(self, vlm: VLM, scope: S.Scope, source: Source, cached: Tensor) -> None:
         """Write the source's cached keys/values at the vision columns before ``scope.start``."""
         cache = getattr(source, "cache", None)
         if cache is None or scope.cache is None:
@@ -529,13 +532,13 @@ class SwapKV(Intervention):
                 part = store[rows].transpose(1, 2)  # [b, s, heads, head_dim] view
                 part[cached] = src[..., : scope.start, :].transpose(1, 2)[cached].to(part.dtype)
 
-    def first_layer(self, vlm: Any) -> int:
+    def first_layer(self, vlm: VLM) -> int:
         return self.indices(vlm)[0]
 
-    def first_column(self, vlm: Any, batch: Batch) -> int:
+    def first_column(self, vlm: VLM, batch: Batch) -> int:
         return _column(self._mask(vlm, batch))
 
-    def cache_column(self, vlm: Any, batch: Batch, values: Mapping[str, Any]) -> int | None:
+    def cache_column(self, vlm: VLM, batch: Batch, values: Mapping[str, Any]) -> int | None:
         layers = self.indices(vlm)
         if layers != list(range(layers[0], vlm.n_layers)):
             return None  # the vision tokens' later states still matter
@@ -554,7 +557,7 @@ class SwapKV(Intervention):
                 return None
         return start
 
-    def sources(self, vlm: Any) -> dict[str, set[tuple[str, int]]]:
+    def sources(self, vlm: VLM) -> dict[str, set[tuple[str, int]]]:
         return {self.source: {(name, layer) for layer in self.indices(vlm) for name in ("k", "v")}}
 
     def label(self) -> str:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Bool
@@ -42,6 +42,9 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..model.inputs import Batch
+
+if TYPE_CHECKING:
+    from ..model.wrapper import VLM
 
 Scope_ = Literal["embed", "vision", "projector", "decoder", "final"]
 
@@ -81,18 +84,18 @@ class Site:
         """Whether the site takes an index (a decoder layer or a vision block)."""
         return self.stage in ("decoder", "vision")
 
-    def read(self, vlm: Any, index: int = 0) -> Tensor:
+    def read(self, vlm: VLM, index: int = 0) -> Tensor:
         value = getattr(self.envoy(vlm, index), self.attribute)
         return _first(value) if self.first else value
 
-    def write(self, vlm: Any, index: int, value: Tensor) -> None:
+    def write(self, vlm: VLM, index: int, value: Tensor) -> None:
         envoy = self.envoy(vlm, index)
         if self.first:
             value = _replace_first(getattr(envoy, self.attribute), value)
         setattr(envoy, self.attribute, value)
 
 
-def _layer(vlm: Any, i: int) -> Any:
+def _layer(vlm: VLM, i: int) -> Any:
     return vlm.layers[i]
 
 
@@ -147,7 +150,7 @@ def check_site(name: str) -> str:
     return name
 
 
-def index_of(vlm: Any, name: str, index: int | None) -> int:
+def index_of(vlm: VLM, name: str, index: int | None) -> int:
     """A site's index normalized (negative ones count from the end; 0 for unindexed sites)."""
     entry = site(name)
     if entry.stage == "decoder":
@@ -159,7 +162,7 @@ def index_of(vlm: Any, name: str, index: int | None) -> int:
     return 0
 
 
-def indices(vlm: Any, name: str, chosen: Any = None) -> list[int]:
+def indices(vlm: VLM, name: str, chosen: Any = None) -> list[int]:
     """Every index of a site (``chosen=None``) or the chosen ones, normalized."""
     entry = site(name)
     if entry.stage in ("decoder", "vision"):
@@ -167,7 +170,7 @@ def indices(vlm: Any, name: str, chosen: Any = None) -> list[int]:
     return [0]
 
 
-def unified(vlm: Any, name: str, index: int) -> int:
+def unified(vlm: VLM, name: str, index: int) -> int:
     """The unified layer index of a site: vision blocks ``-depth..-1``, projector and
     embeddings ``0``, decoder layers ``1..N``, final norm ``N + 1``."""
     stage = site(name).stage
@@ -180,7 +183,7 @@ def unified(vlm: Any, name: str, index: int) -> int:
     return 0
 
 
-def order(vlm: Any, name: str, index: int = 0) -> tuple[int, int, int]:
+def order(vlm: VLM, name: str, index: int = 0) -> tuple[int, int, int]:
     """Execution-order key of a site access (``name`` may also be ``attn_in``/``skip`` of a
     decoder layer): accesses inside one invoke must come in this order."""
     if name in DECODER_ORDER and name not in REGISTRY:
@@ -189,7 +192,7 @@ def order(vlm: Any, name: str, index: int = 0) -> tuple[int, int, int]:
     return (vlm.stage_rank(entry.stage), index, entry.sub)
 
 
-def read_many(vlm: Any, tracer: Any, pairs: Sequence[tuple[str, int]], columns: int = 0) -> list[Any]:
+def read_many(vlm: VLM, tracer: Any, pairs: Sequence[tuple[str, int]], columns: int = 0) -> list[Any]:
     """Inside a trace, read many ``(site, index)`` activations: one invoke per stage, each in
     execution order (so no two stages' relative order is assumed). Token-site activations keep
     columns ``columns:``.
@@ -214,12 +217,12 @@ def read_many(vlm: Any, tracer: Any, pairs: Sequence[tuple[str, int]], columns: 
     return box
 
 
-def read(vlm: Any, name: str, layer: int = 0) -> Tensor:
+def read(vlm: VLM, name: str, layer: int = 0) -> Tensor:
     """The activation at site ``name`` (of decoder layer / vision block ``layer``), inside a trace."""
     return site(name).read(vlm, layer)
 
 
-def write(vlm: Any, name: str, layer: int, value: Tensor) -> None:
+def write(vlm: VLM, name: str, layer: int, value: Tensor) -> None:
     """Replace the whole activation at site ``name`` of ``layer`` with ``value``, inside a trace."""
     site(name).write(vlm, layer, value)
 
@@ -263,7 +266,7 @@ class Scope:
 
 
 def edit(
-    vlm: Any,
+    vlm: VLM,
     name: str,
     layer: int,
     where: Scope | Batch,
