@@ -54,6 +54,8 @@ def check_greedy(config: GenerationConfig) -> None:
     """Refuse a generation config that is not plain greedy decoding (suppressed tokens allowed)."""
     bad = [f"{name}={getattr(config, name)!r}" for name, neutral in _NEUTRAL.items()
            if hasattr(config, name) and getattr(config, name) not in neutral]
+    if not getattr(config, "max_new_tokens", None):
+        bad.append("no max_new_tokens")
     if bad:
         raise InputError(
             "Sweeps decode greedily (with suppressed tokens only); this generation config asks for "

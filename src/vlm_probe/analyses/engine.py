@@ -112,10 +112,13 @@ class Greedy:
     cut at its first end token."""
 
     config: GenerationConfig
-    eos: frozenset[int] = frozenset()
+    eos: frozenset[int] = frozenset()  #: end tokens (default: the config's)
 
     def __post_init__(self) -> None:
         check_greedy(self.config)
+        if not self.eos:
+            ids = self.config.eos_token_id
+            object.__setattr__(self, "eos", frozenset([ids] if isinstance(ids, int) else ids or ()))
 
     def first_column(self, batch: Batch) -> int:
         return batch.width - 1
