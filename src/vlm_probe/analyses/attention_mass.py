@@ -31,14 +31,6 @@ from ..model.inputs import Batch
 from ..results import Result
 from .generation import fixed_steps, generation_defaults, greedy_config
 
-def attention_call(attn_envoy: Any) -> Any:  # kept for callers of the old helper
-    """The nnsight source operation of an attention module's ``attention_interface(...)`` call
-    (prefer :meth:`VLM.attention_call`, resolved at load time)."""
-    from ..model.capabilities import find_attention_call
-
-    return getattr(attn_envoy.source, find_attention_call(attn_envoy.source))
-
-
 def attention_rows(
     query: Float[Tensor, "batch heads q dim"],
     key: Float[Tensor, "batch kv_heads k dim"],
