@@ -313,3 +313,30 @@ def test_patching_and_attention_overlays(pair) -> None:
     delta, _, _ = cell_grid(row, (values["RL"] - values["IN"])[1, row.spans["vision"]].numpy())
     np.testing.assert_allclose(np.asarray(figures["RL - IN"].data[1].z, dtype=float), delta, rtol=1e-5, atol=1e-7)
     assert figures["RL - IN"].data[1].zmid == 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_collect_reaches_vision_blocks_and_the_projector(family: str, zoo) -> None:
+    """Vision-block and projector activations, one row per patch or image token with its
+    sample, equal each sample's own activations read by plain torch hooks."""
+    tiny = zoo(family)
+    vlm = vlm_probe.load(tiny)
+    batch = vlm.prepare(["how many ?", "what color is it ?", "how many ?"], [[tiny.image(i)] for i in range(3)])
+    acts = collect(vlm, batch, sites=("vision_out", "projector"), layers=[-1], groups=("all",), progress=False)
+    means = collect(vlm, batch, sites=("projector",), groups=("all",), reduce="mean", progress=False)
+    last = vlm.vision.depth - 1
+    for site, module in (("vision_out", vlm.vision.blocks[last]._module), ("projector", vlm.projector._module)):
+        key = ("model", site, last if site == "vision_out" else 0, "all")
+        for s in range(len(batch)):
+            seen = {}
+            handle = module.register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+            try:
+                with torch.no_grad():
+                    vlm.hf(**batch[s].inputs)
+            finally:
+                handle.remove()
+            expected = seen["out"].reshape(-1, seen["out"].shape[-1])
+            rows = acts.sample_index(key) == s
+            torch.testing.assert_close(acts[key][rows], expected, atol=1e-5, rtol=0)
+            if site == "projector":
+                torch.testing.assert_close(means[key][s], expected.mean(0), atol=1e-5, rtol=0)

@@ -265,10 +265,18 @@ def test_results_save_and_load(setup, tmp_path) -> None:
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="accelerate's launcher is not installed")
 def test_sweep_split_across_two_processes_equals_one(tmp_path, setup) -> None:
-    vlm, _, batch = setup
+    """logit_diff (per-sample target tokens) and per-sample graders on 3 samples split 2 + 1
+    over two gloo processes give exactly the one-process table."""
+    sys.path.insert(0, str(HERE / "scripts"))
+    try:
+        from dp_common import graders, metric, prompts
+    finally:
+        sys.path.pop(0)
+    vlm, tiny, _ = setup
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    out = tmp_path / "two.parquet"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two.pkl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE / "scripts"), *sys.path])}
     proc = subprocess.run(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", str(HERE / "scripts" / "dp_sweep.py"), str(out)],
@@ -276,10 +284,26 @@ def test_sweep_split_across_two_processes_equals_one(tmp_path, setup) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "world=(1, 2)" in proc.stdout, "the sweep did not run in two processes"
-    two = pd.read_parquet(out)
-    one = sweep(vlm, batch[:2], batch[2:], site=["layer_out", "mlp_out"], positions=["vision", "last"],
-                metric=M.kl_to_clean(), progress=False).frame
-    pd.testing.assert_frame_equal(one, two, atol=1e-5, rtol=0)
+    two = pd.read_pickle(out)
+    clean, corrupt = prompts(vlm, tiny)
+    one = sweep(vlm, clean, corrupt, site=["layer_out", "mlp_out"], positions=["vision", "last"],
+                metric=metric(vlm), progress=False).frame
+    pd.testing.assert_frame_equal(one, two["patching"], atol=1e-5, rtol=0)
+    ablation = layer_ablation_sweep(vlm, corrupt, grader=graders(), max_new_tokens=3, progress=False).frame
+    pd.testing.assert_frame_equal(ablation, two["ablation"])
+    assert ablation["correct"].any() and not ablation["correct"].all()
+
+
+def test_parallelism_is_never_switched_on_by_the_environment(setup, monkeypatch) -> None:
+    """Inside a torchrun job (WORLD_SIZE set) a sweep still runs every sample unless asked."""
+    from vlm_probe.analyses.parallel import shard_indices, world
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert world() == (0, 1) and shard_indices(5) == [0, 1, 2, 3, 4]
+    vlm, _, batch = setup
+    frame = sweep(vlm, batch[:2], batch[2:], layers=[0], metric=M.kl_to_clean(), progress=False).frame
+    assert sorted(set(frame["sample"])) == [0, 1]
 
 
 def test_answer_sweep_matches_single_patched_generations(setup) -> None:
@@ -306,3 +330,96 @@ def test_answer_sweep_matches_single_patched_generations(setup) -> None:
             assert list(cell["value"]) == [float(a != b) for a, b in zip(expected, corrupt_answers)]
     everything = result.frame[(result.frame.layer == 0) & (result.frame.positions == "all")]
     assert everything["matches_clean"].all(), "patching every position at layer 0 must give the clean answer"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "idefics3"])
+def test_patching_every_vision_block_and_the_projector_matches_torch_hooks(zoo, family: str) -> None:
+    """Each vision block's output (and the projector's) of the clean run put into the corrupt
+    run by a plain forward hook (prepended, so transformers' own output recorders see the
+    replacement, as they see an nnsight edit): the sweep's values equal the hooked forwards' KL."""
+    tiny = zoo(family)
+    vlm = vlm_probe.load(tiny)
+    batch = vlm.prepare(["how many red circles ?"] * 4, [[tiny.image(i)] for i in range(4)])
+    clean, corrupt = batch[:2], batch[2:]
+    result = sweep(vlm, clean, corrupt, site=["vision_out", "projector"], metric=M.kl_to_clean(), progress=False)
+    frame = result.frame
+    assert len(frame) == 2 * (vlm.vision.depth + 1)
+    assert sorted(set(frame["unified_layer"])) == list(range(-vlm.vision.depth, 1))
+    with torch.no_grad():
+        clean_logits = vlm.hf(**clean.inputs).logits[:, -1]
+    modules = [(("vision_out", j), vlm.vision.blocks[j]._module) for j in range(vlm.vision.depth)]
+    modules.append((("projector", 0), vlm.projector._module))
+    for (site, index), module in modules:
+        saved = {}
+        grab = module.register_forward_hook(lambda m, a, o: saved.setdefault("out", o))
+        with torch.no_grad():
+            vlm.hf(**clean.inputs)
+        grab.remove()
+        put = module.register_forward_hook(lambda m, a, o: saved["out"], prepend=True)
+        try:
+            with torch.no_grad():
+                patched = vlm.hf(**corrupt.inputs).logits[:, -1]
+        finally:
+            put.remove()
+        expected = M.kl(clean_logits, patched)
+        got = frame[(frame.site == site) & (frame.layer == index)].sort_values("sample")["value"]
+        torch.testing.assert_close(torch.tensor(got.values, dtype=torch.float32), expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        unpatched = M.kl(clean_logits, vlm.hf(**corrupt.inputs).logits[:, -1])
+    assert float(unpatched.min()) > 1e-4, "the images must matter"
+    projector = frame[frame.site == "projector"]["value"]
+    assert projector.abs().max() < 1e-6, "the clean projector output makes the LLM's input the clean one"
+
+
+def test_cross_patching_the_vision_tower_attributes_a_planted_difference() -> None:
+    """IN and RL differ only in the last vision block: patching RL's vision blocks into IN
+    restores nothing before it and everything from it on (and the projector restores all)."""
+    base = tiny_vlm("qwen2_5_vl")
+    rl = copy.deepcopy(base.model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in rl.named_parameters():
+            if ".visual.blocks.1." in name and param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=generator) * 1.0)
+    model_in, model_rl = vlm_probe.load(base), vlm_probe.load(rl, processor=base.processor)
+    batch = model_in.prepare(["how many red circles ?"] * 2, [[base.image(i)] for i in range(2)])
+    frame = cross_patch(model_in, model_rl, batch, site=["vision_out", "projector"], names=("IN", "RL"),
+                        progress=False).summary().set_index(["site", "layer"])["value"]
+    # (restored divides by the IN-vs-RL KL, which scales float noise up)
+    assert abs(frame.loc[("vision_out", 0)]) < 1e-4
+    assert abs(frame.loc[("vision_out", 1)] - 1) < 1e-4 and abs(frame.loc[("projector", 0)] - 1) < 1e-4
+
+
+def test_negative_layers_equal_their_positive_counterparts_in_every_sweep(setup) -> None:
+    from vlm_probe.analyses import answer_sweep, attention_mass, collect, vision_swap_sweep
+
+    vlm, tiny, batch = setup
+    n = vlm.n_layers
+    clean, corrupt = batch[:2], batch[2:]
+    quiet = dict(progress=False)
+
+    def same(a, b):
+        pd.testing.assert_frame_equal(a.frame.drop(columns=["variant"], errors="ignore"),
+                                      b.frame.drop(columns=["variant"], errors="ignore"))
+
+    same(sweep(vlm, clean, corrupt, layers=[-1, 0], metric=M.kl_to_clean(), **quiet),
+         sweep(vlm, clean, corrupt, layers=[n - 1, 0], metric=M.kl_to_clean(), **quiet))
+    neg = sweep(vlm, clean, corrupt, layers=[-1], metric=M.kl_to_clean(), **quiet).frame
+    assert set(neg["layer"]) == {n - 1} and set(neg["unified_layer"]) == {n}
+    same(sweep(vlm, clean, corrupt, site="vision_out", layers=[-1], **quiet),
+         sweep(vlm, clean, corrupt, site="vision_out", layers=[vlm.vision.depth - 1], **quiet))
+    same(cross_patch(vlm, vlm, corrupt, layers=[-2], **quiet), cross_patch(vlm, vlm, corrupt, layers=[n - 2], **quiet))
+    same(answer_sweep(vlm, clean, corrupt, layers=[-1], max_new_tokens=3, **quiet),
+         answer_sweep(vlm, clean, corrupt, layers=[n - 1], max_new_tokens=3, **quiet))
+    ablation = layer_ablation_sweep(vlm, corrupt, ["3", "4"], layers=[-1], max_new_tokens=3, **quiet)
+    same(ablation, layer_ablation_sweep(vlm, corrupt, ["3", "4"], layers=[n - 1], max_new_tokens=3, **quiet))
+    assert sorted(set(ablation.frame["layer"])) == [-1, n - 1], "[-1] is the last layer, not the baseline"
+    same(knockout_sweep(vlm, corrupt, ["3", "4"], layers=[-1], level="answer", max_new_tokens=3, **quiet),
+         knockout_sweep(vlm, corrupt, ["3", "4"], layers=[n - 1], level="answer", max_new_tokens=3, **quiet))
+    same(vision_swap_sweep(vlm, corrupt, clean, layers=[-1], max_new_tokens=3, **quiet),
+         vision_swap_sweep(vlm, corrupt, clean, layers=[n - 1], max_new_tokens=3, **quiet))
+    same(attention_mass(vlm, corrupt, layers=[-1], **quiet), attention_mass(vlm, corrupt, layers=[n - 1], **quiet))
+    a, b = collect(vlm, corrupt, layers=[-1], **quiet), collect(vlm, corrupt, layers=[n - 1], **quiet)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a.keys())
+    with pytest.raises(vlm_probe.errors.LayerIndexError):
+        sweep(vlm, clean, corrupt, layers=[n], **quiet)

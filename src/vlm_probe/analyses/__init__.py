@@ -1,6 +1,8 @@
 """Experiments built from the intervention primitives; each returns a tidy result object."""
 
 from . import metrics
+from .engine import AnswerLogprob, Greedy, Logits, Source, Variant, rerun, run
+from .options import RunOptions
 from .ablation import AblationResult, knockout_sweep, layer_ablation_sweep
 from .attention_mass import AttentionMassResult, attention_mass, token_attention
 from .collect import Activations, collect
@@ -13,6 +15,14 @@ from .swap import SwapResult, swap_pairs, vision_swap_sweep
 
 __all__ = [
     "AblationResult",
+    "AnswerLogprob",
+    "Greedy",
+    "Logits",
+    "RunOptions",
+    "Source",
+    "Variant",
+    "rerun",
+    "run",
     "Activations",
     "AttentionMassResult",
     "DriftResult",

@@ -1,17 +1,19 @@
 """Attention mass: how much of a query group's attention goes to a key group, per layer and head.
 
 The weights are recomputed from the queries and keys that the attention layer hands to its
-attention function (read with nnsight's ``.source``, after the rotary embedding and, during
-generation, with the cached keys), chunk by chunk over the query rows. So the model keeps its
-fast attention backend (sdpa), memory grows linearly with the sequence per chunk, and the
-values equal the eager attention weights (tested to 1e-5 on every family).
+attention function (the wrapper's :meth:`~vlm_probe.VLM.attention_call`, found at load time:
+after the rotary embedding and, during generation, with the cached keys), chunk by chunk over
+the query rows, and reduced inside the trace layer by layer. So the model keeps its fast
+attention backend (sdpa), memory holds one layer's queries and keys at a time and grows
+linearly with the sequence per chunk, and the values equal the eager attention weights (tested
+to 1e-5 on every family). Query and key positions are the calls' absolute columns, read from
+the cache layout (:meth:`~vlm_probe.VLM.attention_columns`): during generation a sliding-window
+layer's key column j is not position j.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import nnsight
@@ -23,38 +25,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import InputError, SpecMismatchError
-from ..interventions.positions import PositionSpec, positions_label, resolve_positions
+from ..errors import InputError
+from ..interventions.positions import PositionSpec, column_mask, positions_label, resolve_positions
 from ..model.inputs import Batch
 from ..results import Result
 from .generation import fixed_steps, generation_defaults, greedy_config
-
-_CALL = re.compile(r"(?<![\w.])attention_interface\(")
-
-
-@lru_cache(maxsize=None)
-def _interface_name(names: tuple[str, ...], source: str, lines: tuple[tuple[str, int], ...]) -> str:
-    text = source.split("\n")
-    line_of = dict(lines)
-    calls = [n for n in names if n.startswith("attention_interface_") and _CALL.search(text[line_of[n] - 1])]
-    if len(calls) != 1:
-        raise SpecMismatchError(
-            f"Cannot find the attention-function call in this attention module's forward (candidates: {calls}); "
-            "attention mass needs the transformers attention interface."
-        )
-    return calls[0]
-
-
-def attention_call(attn_envoy: Any) -> Any:
-    """The nnsight source operation of the ``attention_interface(...)`` call of an attention module.
-
-    Resolved by inspecting the forward's source (operation labels are positional and change
-    between versions, so they are never hard-coded).
-    """
-    compiled = attn_envoy.source.compiled
-    name = _interface_name(tuple(compiled.names), compiled.source, tuple(sorted(compiled.lines.items())))
-    return getattr(attn_envoy.source, name)
-
 
 def attention_rows(
     query: Float[Tensor, "batch heads q dim"],
@@ -63,9 +38,15 @@ def attention_rows(
     scaling: float,
     rows: Tensor,
     softcap: float | None = None,
+    columns: tuple[Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "batch heads r k"]:
     """Attention weights of the query rows ``rows`` (indices into the ``q`` axis), exactly as
-    eager attention computes them (grouped key heads repeated, additive or boolean mask)."""
+    eager attention computes them (grouped key heads repeated, additive or boolean mask).
+
+    Args:
+        columns: absolute columns of the queries and keys (for the causal rule when ``mask``
+            is ``None``); default: the queries are the last of the keys.
+    """
     n_q, n_k = query.shape[2], key.shape[2]
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads != kv_heads:
@@ -73,9 +54,9 @@ def attention_rows(
     scores = torch.matmul(query[:, :, rows].float(), key.float().transpose(-1, -2)) * scaling
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    if mask is None:  # causal: query i (absolute n_k - n_q + i) sees keys up to itself
-        absolute = (n_k - n_q + rows.to(scores.device))[:, None]
-        allowed = torch.arange(n_k, device=scores.device)[None, :] <= absolute
+    if mask is None:  # causal: a query sees the keys up to its own column
+        q_cols, k_cols = columns if columns is not None else (torch.arange(n_k - n_q, n_k), torch.arange(n_k))
+        allowed = k_cols.to(scores.device)[None, :] <= q_cols.to(scores.device)[rows.to(scores.device)][:, None]
         scores = scores.masked_fill(~allowed[None, None], float("-inf"))
     else:
         part = mask[:, :, rows.to(mask.device), :n_k]
@@ -91,10 +72,18 @@ def mass_from_call(
     queries: Bool[Tensor, "batch q"],
     keys: Bool[Tensor, "batch k"],
     chunk: int,
+    columns: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Float[Tensor, "batch heads"], Tensor]:
     """Summed attention (per row and head) of the selected query rows on the selected keys,
-    and the number of selected query rows per batch row."""
-    args, kwargs = inputs  # attention_interface(module, query, key, value, attention_mask, **kw)
+    and the number of selected query rows per batch row.
+
+    Args:
+        inputs: the ``(args, kwargs)`` of an ``attention_interface(module, query, key, value, mask, ...)`` call.
+        queries: ``[batch, q]`` which of the call's queries count.
+        keys: ``[batch, k]`` which of the call's keys count.
+        columns: the absolute columns of the call's queries and keys.
+    """
+    args, kwargs = inputs
     query, key = args[1], args[2]
     mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
     scaling = kwargs.get("scaling") or getattr(args[0], "scaling", query.shape[-1] ** -0.5)
@@ -105,11 +94,24 @@ def mass_from_call(
     key_mask = keys[:, : key.shape[2]].to(query.device).float()
     for start in range(0, len(any_rows), chunk):
         rows = any_rows[start : start + chunk]
-        weights = attention_rows(query, key, mask, float(scaling), rows, softcap)  # [B, H, r, K]
+        weights = attention_rows(query, key, mask, float(scaling), rows, softcap, columns)  # [B, H, r, K]
         on_keys = (weights * key_mask[:, None, None, :]).sum(-1)  # [B, H, r]
         selected = queries[:, rows].to(on_keys.device).float()  # [B, r]
         total += (on_keys * selected[:, None, :]).sum(-1).cpu()
     return total, queries.sum(1)
+
+
+def _call_mass(vlm: Any, layer: int, batch: Batch, queries: PositionSpec, keys: PositionSpec,
+               chunk: int) -> tuple[Tensor, Tensor]:
+    """Inside a trace: the attention mass of decoder ``layer``'s call, reduced at once (so memory
+    holds one layer's queries and keys at a time); positions are the call's absolute columns."""
+    args, kwargs = vlm.layers[layer].attn.inputs
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    base = kwargs.get("attention_mask")
+    columns = vlm.attention_columns(layer, kwargs, int(hidden.shape[1]), None if base is None else int(base.shape[-1]))
+    q = column_mask(batch, queries, columns[0], vlm=vlm, what="attention mass queries")
+    k = column_mask(batch, keys, columns[1], vlm=vlm, what="attention mass keys")
+    return mass_from_call(vlm.attention_call(layer).inputs, q, k, chunk, columns)
 
 
 class AttentionMassResult(Result):
@@ -175,19 +177,16 @@ def attention_mass(
     if generated and max_new_tokens < 1:
         raise InputError("queries='generated' needs max_new_tokens >= 1.")
     for name, vlm in named.items():
-        chosen = [l for l in (range(vlm.n_layers) if layers is None else layers) if not vlm.layers[l].is_cross_attention]
-        key_mask = resolve_positions(batch, keys, vlm=vlm, what="attention mass keys")
+        chosen = [l for l in vlm.layer_indices(layers) if not vlm.layers[l].is_cross_attention]
+        resolve_positions(batch, keys, vlm=vlm, what="attention mass keys")  # refuse image keys where they are empty
         bar = tqdm(total=len(chosen), desc=f"attention mass {name}", disable=not progress, unit="layer")
         if generated:
-            totals, counts = _generated_mass(vlm, batch, key_mask, chosen, max_new_tokens, chunk)
+            totals, counts = _generated_mass(vlm, batch, keys, chosen, max_new_tokens, chunk)
         else:
-            query_mask = resolve_positions(batch, queries, vlm=vlm, what="attention mass queries")
-            calls = [attention_call(vlm.layers[l].attn) for l in chosen]
             with torch.no_grad(), vlm.trace(batch):
-                inputs = nnsight.save([call.inputs for call in calls])
-            totals, counts = {}, None
-            for layer, inp in zip(chosen, inputs):
-                totals[layer], counts = mass_from_call(inp, query_mask, key_mask, chunk)
+                reduced = nnsight.save([_call_mass(vlm, layer, batch, queries, keys, chunk) for layer in chosen])
+            totals = {layer: mass for layer, (mass, _) in zip(chosen, reduced)}
+            counts = reduced[0][1] if reduced else torch.zeros(len(batch))
         for layer in chosen:
             mass = totals[layer] / counts.clamp_min(1)[:, None].float()
             for s in range(mass.shape[0]):
@@ -203,28 +202,19 @@ def attention_mass(
 
 
 def _generated_mass(
-    vlm: Any, batch: Batch, key_mask: Tensor, layers: list[int], steps: int, chunk: int
+    vlm: Any, batch: Batch, keys: PositionSpec, layers: list[int], steps: int, chunk: int
 ) -> tuple[dict[int, Tensor], Tensor]:
-    """Attention of each generated token (greedy, ``steps`` tokens) on the prompt's key group."""
+    """Attention of each generated token (greedy, ``steps`` tokens) on the prompt's key group,
+    with key columns read from the cache layout at every step (sliding windows included)."""
     config = fixed_steps(greedy_config(vlm, steps))  # every step must happen for the loop below
-    calls = [attention_call(vlm.layers[l].attn) for l in layers]
     with torch.no_grad(), generation_defaults(vlm.hf, config), \
             vlm.generate(batch, generation_config=config) as tracer:
-        per_step = nnsight.save([])
+        sums = nnsight.save([torch.zeros(len(batch), vlm.n_heads) for _ in layers])
         for _ in tracer.iter[1:steps]:
-            per_step.append([call.inputs for call in calls])
-    totals = {layer: torch.zeros(len(batch), vlm.n_heads) for layer in layers}
-    counts = torch.zeros(len(batch))
-    for step_inputs in per_step:
-        for layer, inp in zip(layers, step_inputs):
-            n_k = inp[0][2].shape[2]
-            q = torch.ones(len(batch), 1, dtype=torch.bool)
-            k = torch.zeros(len(batch), n_k, dtype=torch.bool)
-            k[:, : key_mask.shape[1]] = key_mask
-            mass, _ = mass_from_call(inp, q, k, chunk)
-            totals[layer] += mass
-        counts += 1
-    return totals, counts
+            for i, layer in enumerate(layers):
+                sums[i] = sums[i] + _call_mass(vlm, layer, batch, "generated", keys, chunk)[0]
+    totals = dict(zip(layers, sums))
+    return totals, torch.full((len(batch),), float(max(steps - 1, 0)))
 
 
 def token_attention(
@@ -238,21 +228,24 @@ def token_attention(
     """Attention each key position receives from the query group, averaged over the query
     tokens, heads and ``layers`` (recomputed as in :func:`attention_mass`); ``[batch, seq]``.
     Draw it over the image with ``overlay_figure(image, layout, values[row, layout.vision])``."""
-    chosen = [l for l in (range(vlm.n_layers) if layers is None else layers) if not vlm.layers[l].is_cross_attention]
+    chosen = [l for l in vlm.layer_indices(layers) if not vlm.layers[l].is_cross_attention]
     query_mask = resolve_positions(batch, queries, vlm=vlm, what="attention queries")
-    calls = [attention_call(vlm.layers[l].attn) for l in chosen]
-    with torch.no_grad(), vlm.trace(batch):
-        inputs = nnsight.save([call.inputs for call in calls])
-    total = torch.zeros(batch.inputs["input_ids"].shape, dtype=torch.float64)
-    for inp in inputs:
-        args, kwargs = inp
+    rows = torch.nonzero(query_mask.any(0)).flatten()
+
+    def per_key(layer: int) -> Tensor:  # inside the trace: one layer's weights at a time
+        args, kwargs = vlm.attention_call(layer).inputs
         query, key = args[1], args[2]
         mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
         scaling = float(kwargs.get("scaling") or query.shape[-1] ** -0.5)
-        rows = torch.nonzero(query_mask.any(0)).flatten()
+        total = torch.zeros(query_mask.shape, dtype=torch.float64)
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
             weights = attention_rows(query, key, mask, scaling, part, kwargs.get("softcap"))  # [B, H, r, K]
             selected = query_mask[:, part].to(weights.device).double()
             total += (weights.double().mean(1) * selected[:, :, None]).sum(1).cpu()
+        return total
+
+    with torch.no_grad(), vlm.trace(batch):
+        per_layer = nnsight.save([per_key(layer) for layer in chosen])
+    total = sum(per_layer, torch.zeros(query_mask.shape, dtype=torch.float64))
     return (total / (query_mask.sum(1, keepdim=True).double() * max(1, len(chosen)))).float()

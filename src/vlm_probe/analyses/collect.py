@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nnsight
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
@@ -24,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..interventions import sites as site_ops
+from ..interventions import sites as S
 from ..interventions.positions import resolve_positions
 from ..io import atomic_write_bytes, atomic_write_json
 from ..model.inputs import Batch
@@ -142,8 +141,10 @@ def collect(
         models: a VLM or a mapping name -> VLM (e.g. a checkpoint set).
         data: a batch (split into ``batch_size`` chunks) or an iterable of batches; sample
             indices count across all of them.
-        sites: activation sites (``layer_out``, ``layer_in``, ``attn_out``, ``mlp_out``, ...).
-        layers: 0-based decoder layers (default all).
+        sites: registered sites (``layer_out``, ``layer_in``, ``attn_out``, ``mlp_out``, ...,
+            ``embed``, ``final_norm``; ``vision_out``/``vision_in`` and ``projector`` are kept as
+            one row per patch or image token under the group ``"all"``).
+        layers: 0-based decoder layers or vision blocks (default all; negative ones count from the end).
         groups: token groups (layout groups, or ``"all"``).
         reduce: ``"none"`` (one row per token) or ``"mean"`` (one row per sample).
         out: a directory for the disk cache (resumable); ``None`` keeps everything in memory.
@@ -155,7 +156,7 @@ def collect(
     if reduce not in ("none", "mean"):
         raise InputError(f"reduce must be 'none' or 'mean'; got {reduce!r}.")
     for site in sites:
-        site_ops.check_site(site)
+        S.check_site(site)
     named = dict(models) if isinstance(models, Mapping) or hasattr(models, "items") else {"model": models}
     batches = _batches(data, batch_size)
     config = {"checkpoints": list(named), "sites": list(sites), "groups": list(groups), "reduce": reduce,
@@ -175,14 +176,13 @@ def collect(
     total = len(named) * len(batches)
     bar = tqdm(total=total, desc="collecting", unit="batch", disable=not progress)
     for name, vlm in named.items():
-        chosen = list(range(vlm.n_layers)) if layers is None else list(layers)
         offset = 0
         for b, batch in enumerate(batches):
             if (name, b) in done:
                 offset += len(batch)
                 bar.update(1)
                 continue
-            shard = _collect_batch(vlm, name, batch, sites, chosen, groups, reduce, offset)
+            shard = _collect_batch(vlm, name, batch, sites, layers, groups, reduce, offset)
             offset += len(batch)
             if directory is None:
                 for key, (acts, samples, positions) in shard.items():
@@ -202,17 +202,22 @@ def collect(
 
 
 def _collect_batch(
-    vlm: Any, name: str, batch: Batch, sites: Sequence[str], layers: list[int], groups: Sequence[str],
+    vlm: Any, name: str, batch: Batch, sites: Sequence[str], layers: Sequence[int] | None, groups: Sequence[str],
     reduce: str, offset: int,
 ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-    masks = {g: resolve_positions(batch, g, vlm=vlm, what=f"collecting {g!r}") for g in groups}
-    order = sorted(((site, layer) for site in sites for layer in layers),
-                   key=lambda s: (s[1], ("layer_in", "q", "k", "v", "o_in", "attn_out", "mlp_out", "layer_out").index(s[0])))
-    with torch.no_grad(), vlm.trace(batch, use_cache=False):
-        saved = nnsight.save([site_ops.read(vlm, site, layer) for site, layer in order])
+    pairs = [(site, index) for site in sites for index in S.indices(vlm, site, layers if S.site(site).indexed else None)]
+    token_groups = [g for g in groups if g != "all"] + (["all"] if "all" in groups else [])
+    masks = {g: resolve_positions(batch, g, vlm=vlm, what=f"collecting {g!r}") for g in token_groups}
+    with torch.no_grad(), vlm.trace(use_cache=False) as tracer:
+        with tracer.invoke(batch):
+            pass
+        saved = S.read_many(vlm, tracer, pairs)
     out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-    for (site, layer), act in zip(order, saved):
+    for (site, layer), act in zip(pairs, saved):
         act = act.detach().float().cpu()
+        if not S.site(site).tokens:  # vision tower / projector: one row per unit, group "all"
+            out[_key(name, site, layer, "all")] = _units(vlm, batch, act, reduce, offset)
+            continue
         for group, mask in masks.items():
             rows, cols = torch.nonzero(mask, as_tuple=True)
             if reduce == "none":
@@ -226,3 +231,19 @@ def _collect_batch(
                 positions = torch.full((int(keep.sum()),), -1)
             out[_key(name, site, layer, group)] = (values, samples.long(), positions.long())
     return out
+
+
+def _units(vlm: Any, batch: Batch, act: Tensor, reduce: str, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A vision-tower or projector activation as rows: its units (patches or image tokens),
+    each with its sample and its index among that sample's units (``-1`` for means)."""
+    counts = vlm.vision_row_units(batch, act.shape[0])
+    flat = act.reshape(act.shape[0], -1, act.shape[-1])  # [units, tokens per unit, dim]
+    per_sample = flat.split(counts)
+    if reduce == "mean":
+        keep = [i for i, c in enumerate(counts) if c]
+        values = torch.stack([per_sample[i].reshape(-1, act.shape[-1]).mean(0) for i in keep])
+        return values, torch.tensor(keep) + offset, torch.full((len(keep),), -1)
+    rows = [part.reshape(-1, act.shape[-1]) for part in per_sample]
+    samples = torch.cat([torch.full((len(r),), i + offset) for i, r in enumerate(rows)])
+    positions = torch.cat([torch.arange(len(r)) for r in rows])
+    return torch.cat(rows), samples.long(), positions.long()

@@ -37,13 +37,7 @@ def _named(models: Any) -> dict[str, Any]:
 
 def readout(vlm: Any, states: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
     """The model's own readout: final norm, unembedding, and the final logit soft-cap if any."""
-    with torch.no_grad():
-        param = next(vlm.lm_head._module.parameters())
-        logits = vlm.lm_head._module(vlm.final_norm._module(states.to(param.device, param.dtype)))
-        cap = getattr(vlm.text_config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-    return logits.float()
+    return vlm.readout(states)
 
 
 class LensResult(Result):
@@ -192,31 +186,22 @@ class TunedLens:
         progress: bool = True,
     ) -> TunedLens:
         """Train translators on collected ``layer_out`` activations (the last layer gives the targets)."""
-        chosen = list(range(vlm.n_layers - 1)) if layers is None else list(layers)
+        chosen = list(range(vlm.n_layers - 1)) if layers is None else vlm.layer_indices(layers)
         final = readout(vlm, acts[(checkpoint, "layer_out", vlm.n_layers - 1, group)]).log_softmax(-1)
         lens = cls(vlm.d_model, chosen)
         torch.manual_seed(seed)
-        head = vlm.lm_head._module
-        norm = vlm.final_norm._module
-        for p in list(head.parameters()) + list(norm.parameters()):
-            p.requires_grad_(False)
         bar = tqdm(total=len(chosen), desc="tuned lens", disable=not progress, unit="layer")
-        try:
-            for layer in chosen:
-                states = acts[(checkpoint, "layer_out", layer, group)].float()
-                lin = lens.translators[layer]
-                opt = torch.optim.Adam(lin.parameters(), lr=lr)
-                for _ in range(steps):
-                    opt.zero_grad()
-                    logits = head(norm(lin(states)).to(next(head.parameters()).dtype)).float()
-                    loss = torch.nn.functional.kl_div(logits.log_softmax(-1), final, log_target=True,
-                                                      reduction="batchmean")
-                    loss.backward()
-                    opt.step()
-                bar.update(1)
-        finally:
-            for p in list(head.parameters()) + list(norm.parameters()):
-                p.requires_grad_(True)
+        for layer in chosen:
+            states = acts[(checkpoint, "layer_out", layer, group)].float()
+            lin = lens.translators[layer]
+            opt = torch.optim.Adam(lin.parameters(), lr=lr)
+            for _ in range(steps):
+                opt.zero_grad()
+                logits = vlm.readout(lin(states), grad=True)
+                loss = torch.nn.functional.kl_div(logits.log_softmax(-1), final, log_target=True, reduction="batchmean")
+                loss.backward()
+                opt.step()
+            bar.update(1)
         bar.close()
         return lens
 

@@ -2,11 +2,15 @@
 
 A metric reads the logits at one position per row (``position``: a single-position group
 such as ``"last_prompt"`` or ``"last"``, or an int) and maps
-``(logits, clean, corrupt)`` -- each ``[rows, vocab]`` -- to one value per row.
+``(logits, clean, corrupt, samples)`` -- logits ``[rows, vocab]`` each, and ``samples`` the
+sample id of every row -- to one value per row. Per-sample state (the target tokens of
+``logit_diff``) is looked up by sample id, so a metric scores any subset of the samples in any
+order (a data-parallel shard, a chunk of variants) correctly.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,8 +30,30 @@ class Metric(Protocol):
     normalizable: bool
 
     def __call__(
-        self, logits: Float[Tensor, "rows vocab"], clean: Float[Tensor, "rows vocab"], corrupt: Float[Tensor, "rows vocab"]
+        self,
+        logits: Float[Tensor, "rows vocab"],
+        clean: Float[Tensor, "rows vocab"],
+        corrupt: Float[Tensor, "rows vocab"],
+        samples: Int[Tensor, " rows"] | None = None,
     ) -> Float[Tensor, " rows"]: ...
+
+
+def score(
+    metric: Any,
+    logits: Float[Tensor, "rows vocab"],
+    clean: Float[Tensor, "rows vocab"],
+    corrupt: Float[Tensor, "rows vocab"],
+    samples: Int[Tensor, " rows"],
+) -> Float[Tensor, " rows"]:
+    """``metric`` on rows of the given sample ids (metrics written before sample ids existed,
+    taking only three arguments, are called without them)."""
+    try:
+        parameters = inspect.signature(metric).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    if "samples" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return metric(logits, clean, corrupt, samples=samples)
+    return metric(logits, clean, corrupt)
 
 
 TokenSpec = int | str | Sequence[int | str] | Tensor
@@ -65,9 +91,9 @@ class LogitDiff:
     name: str = "logit_diff"
     normalizable: bool = True
 
-    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor, samples: Tensor | None = None) -> Tensor:
         rows = torch.arange(logits.shape[0])
-        t, f = _tile(self.target, logits.shape[0]), _tile(self.foil, logits.shape[0])
+        t, f = _per_row(self.target, logits.shape[0], samples), _per_row(self.foil, logits.shape[0], samples)
         return (logits[rows, t] - logits[rows, f]).float()
 
 
@@ -80,9 +106,9 @@ class TargetProb:
     name: str = "target_prob"
     normalizable: bool = True
 
-    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor, samples: Tensor | None = None) -> Tensor:
         rows = torch.arange(logits.shape[0])
-        return logits.float().softmax(-1)[rows, _tile(self.target, logits.shape[0])]
+        return logits.float().softmax(-1)[rows, _per_row(self.target, logits.shape[0], samples)]
 
 
 @dataclass
@@ -93,7 +119,7 @@ class KLToClean:
     name: str = "kl_to_clean"
     normalizable: bool = False
 
-    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor, samples: Tensor | None = None) -> Tensor:
         return kl(clean, logits)
 
 
@@ -107,7 +133,7 @@ class Restored:
     normalizable: bool = False
     eps: float = field(default=1e-12, repr=False)
 
-    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor, samples: Tensor | None = None) -> Tensor:
         return 1 - kl(clean, logits) / kl(clean, corrupt).clamp_min(self.eps)
 
 
@@ -119,7 +145,7 @@ class FirstTokenChange:
     name: str = "first_token_change"
     normalizable: bool = False
 
-    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor, samples: Tensor | None = None) -> Tensor:
         return (logits.argmax(-1) != corrupt.argmax(-1)).float()
 
 
@@ -130,12 +156,19 @@ def kl(p_logits: Tensor, q_logits: Tensor) -> Float[Tensor, " rows"]:
     return (p.exp() * (p - q)).sum(-1).clamp_min(0)
 
 
-def _tile(ids: Tensor, rows: int) -> Tensor:
-    """Per-sample ids repeated for ``rows`` (a multiple of the samples, variants contiguous)."""
-    n = ids.numel()
-    if rows % n:
-        raise InputError(f"{n} per-sample tokens cannot cover {rows} rows.")
-    return ids.repeat(rows // n)
+def _per_row(ids: Tensor, rows: int, samples: Tensor | None) -> Tensor:
+    """The per-sample token id of each row: looked up by the rows' sample ids (a single id
+    serves every row; without sample ids the rows must be the samples, in order)."""
+    if ids.numel() == 1:
+        return ids.expand(rows)
+    if samples is None:
+        if rows != ids.numel():
+            raise InputError(f"{ids.numel()} per-sample tokens for {rows} rows: pass the rows' sample ids.")
+        return ids
+    samples = torch.as_tensor(samples, dtype=torch.long)
+    if samples.numel() != rows or int(samples.max()) >= ids.numel() or int(samples.min()) < 0:
+        raise InputError(f"Sample ids {samples.tolist()[:8]}... do not index the {ids.numel()} per-sample tokens.")
+    return ids[samples]
 
 
 def logit_diff(tokenizer: Any, target: TokenSpec, foil: TokenSpec, n: int, position: str | int = "last_prompt") -> LogitDiff:

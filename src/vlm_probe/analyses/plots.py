@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..arch import unified_index_label
 from ..stats import bootstrap
 
 
@@ -69,7 +70,7 @@ def patching_figure(result: Any, value: str | None = None, **kwargs: Any) -> go.
     for col, (_, part) in enumerate(panels, start=1):
         table = part.pivot_table(index="positions", columns="unified_layer", values=value, aggfunc="mean", sort=False)
         fig.add_trace(
-            go.Heatmap(z=table.to_numpy(), x=[f"L{c}" for c in table.columns], y=list(table.index),
+            go.Heatmap(z=table.to_numpy(), x=[unified_index_label(int(c)) for c in table.columns], y=list(table.index),
                        colorscale="RdBu", zmid=0, coloraxis="coloraxis",
                        hovertemplate="layer %{x}<br>positions %{y}<br>" + value + " %{z:.3f}<extra></extra>"),
             row=1, col=col,

@@ -6,8 +6,11 @@ layer ``L`` only (``mode="only"``), at prefill; then the model answers greedily.
 still changes when the swap starts late, the image is still being read there.
 
 Unlike the published code, the swap is applied once, at prefill (it re-applied it at every
-decode step, appending duplicate source keys to the cache). Many start layers run as one
-batched generation, and the vision tower runs once per image.
+decode step, appending duplicate source keys to the cache). Each start layer is a variant of
+the engine (:mod:`vlm_probe.analyses.engine`): the vision tower runs once per image, layers
+below L are replayed from the unswapped run, "from L" swaps go straight into a copy of the
+unswapped run's KV cache (only the text after the image is rerun, from layer L up), and the
+answers of many start layers are decoded as one batch.
 """
 
 from __future__ import annotations
@@ -18,29 +21,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import torch
-from tqdm.auto import tqdm
-
 from ..errors import InputError
-from ..interventions.attention import check_swap_pair, vision_kv
-from ..interventions import sites as site_ops
+from ..interventions.attention import check_swap_pair
+from ..interventions.objects import SwapKV
 from ..model.inputs import Batch, align
 from ..results import Result
 from ..stats import bootstrap
-from .batched import capture, chunks, repeat_rows
-from .generation import (
-    config_record,
-    decode_new,
-    eos_ids,
-    Grader,
-    apply_grader,
-    exact_match,
-    generate_texts,
-    generation_defaults,
-    greedy_config,
-)
+from .engine import Greedy, Source, Variant, run
+from .generation import Grader, apply_grader, config_record, eos_ids, exact_match, greedy_config
+from .options import RunOptions
 from .parallel import gather_frame, shard_indices
-
 
 
 class SwapResult(Result):
@@ -122,13 +112,10 @@ def vision_swap_sweep(
     source_answers: Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
     mode: str = "from",
-    max_new_tokens: int = 8,
     grader: Grader = exact_match,
     source_grader: Grader | None = None,
-    max_rows: int = 64,
-    reuse_vision: bool = True,
-    progress: bool = True,
-    generation_config: Any = None,
+    options: RunOptions | None = None,
+    **legacy: Any,
 ) -> SwapResult:
     """Run the vision-token swap for every start layer and grade the answers.
 
@@ -138,14 +125,22 @@ def vision_swap_sweep(
             row), which supply the keys/values.
         target_answers: gold answers for the target images.
         source_answers: gold answers for the source images.
-        layers: start layers (0-based decoder indices; default all).
+        layers: start layers (0-based decoder indices; default all; negative ones count from the end).
         mode: ``"from"`` (layers L..N-1, the published probe) or ``"only"`` (layer L).
         grader: ``grader(prediction, gold) -> bool``, or one ``grader(prediction)`` per sample
             (judging against the target image's answer).
         source_grader: how to judge an answer against the source image's answer (the
             flip-to-source rate); default: ``grader`` when it is one shared callable. Needed
             when ``grader`` is per sample.
+        options: :class:`~vlm_probe.analyses.RunOptions`; ``max_new_tokens=``, ``max_rows=``,
+            ``reuse_vision=``, ``progress=``, ``generation_config=`` still work.
+
+    Each start layer is one variant (a :class:`~vlm_probe.interventions.SwapKV`). In
+    ``mode="from"`` the layers below L are shared with the unswapped run and the swap goes
+    into the KV cache, so each start layer reruns only the text after the image from layer L
+    up; the answers of every start layer are decoded in one batch.
     """
+    options = RunOptions.resolve(options, legacy, "vision_swap_sweep")
     if mode not in ("from", "only"):
         raise InputError(f"mode must be 'from' or 'only'; got {mode!r}.")
     if source_grader is None:
@@ -155,66 +150,43 @@ def vision_swap_sweep(
                              "source image's answer.")
         source_grader = grader
     check_swap_pair(targets, sources)
-    layers = list(range(vlm.n_layers)) if layers is None else sorted(layers)
-    for layer in layers:
-        vlm.layers[layer]
+    vlm.require_image_positions("the vision key/value swap")
+    chosen = sorted(vlm.layer_indices(layers))
     n = len(targets)
     target_answers = list(target_answers) if target_answers is not None else [None] * n
     source_answers = list(source_answers) if source_answers is not None else [None] * n
-    config = generation_config or greedy_config(vlm, max_new_tokens)
-    mine = shard_indices(n)
+    config = options.generation_config or greedy_config(vlm, options.max_new_tokens)
+    mine = shard_indices(n, options.backend)
     rows: list[dict[str, Any]] = []
     if mine:
         tgt, src = targets[mine], sources[mine]
-        needed = sorted({l for start in layers for l in _swap_layers(start, vlm.n_layers, mode)})
-        kv = vision_kv(vlm, src, needed)
-        baseline = generate_texts(vlm, tgt, config)
-        vision = capture(vlm, tgt, vision=True).vision if reuse_vision else None
-        b = len(tgt)
-        per_chunk = max(1, max_rows // b)
-        bar = tqdm(total=len(layers), desc="vision swap", unit="layer", disable=not progress)
-        for chunk in chunks(layers, per_chunk):
-            k = len(chunk)
-            batch = repeat_rows(tgt, k)
-            vis_mask = batch.layout.mask("vision")
-            with torch.no_grad(), generation_defaults(vlm.hf, config), vlm.generate(batch, generation_config=config) as tracer:
-                if vision is not None:
-                    vlm.vision.root.skip(vision.tiled(k))
-                for layer in needed:
-                    covered = [i for i, start in enumerate(chunk) if layer in _swap_layers(start, vlm.n_layers, mode)]
-                    if not covered:
-                        continue
-                    rows_sel = torch.zeros(k * b, dtype=torch.bool)
-                    for i in covered:
-                        rows_sel[i * b : (i + 1) * b] = True
-                    mask = vis_mask & rows_sel[:, None]
-                    src_k, src_v = kv[layer]
-                    site_ops.edit(vlm, "k", layer, mask, torch.cat([src_k] * len(covered)))
-                    site_ops.edit(vlm, "v", layer, mask, torch.cat([src_v] * len(covered)))
-                ids = tracer.result.save()
-            answers = decode_new(vlm, ids, batch.width, eos_ids(vlm, config))
-            for i, start in enumerate(chunk):
-                for s in range(b):
-                    answer = answers[i * b + s]
-                    t_gold, s_gold = target_answers[mine[s]], source_answers[mine[s]]
-                    rows.append({
-                        "sample": mine[s],
-                        "layer": start,
-                        "unified_layer": start + 1,
-                        "mode": mode,
-                        "answer": answer,
-                        "baseline": baseline[s],
-                        "target_answer": t_gold,
-                        "source_answer": s_gold,
-                        "changed": answer != baseline[s],
-                        "flipped_to_source": apply_grader(source_grader, mine[s], answer, s_gold),
-                        "target_correct": apply_grader(grader, mine[s], answer, t_gold),
-                    })
-            bar.update(k)
-        bar.close()
-    frame = gather_frame(pd.DataFrame(rows), sort=["layer", "sample"])
-    return SwapResult(frame, {"analysis": "vision_swap", "mode": mode, "layers": layers,
-                              "generation": config_record(config), "n_samples": n})
+        variants = [Variant(())] + [Variant((SwapKV(tuple(_swap_layers(start, vlm.n_layers, mode))),))
+                                    for start in chosen]
+        out = run(vlm, tgt, variants, Greedy(config, frozenset(eos_ids(vlm, config))),
+                  sources={"source": Source(vlm, src)}, options=options, desc="vision swap")
+        baseline = [g.text for g in out.outputs[0]]
+        for start, variant, answers in zip(chosen, variants[1:], out.outputs[1:]):
+            text = variant.to_json()
+            for s, sample in enumerate(mine):
+                answer = answers[s].text
+                t_gold, s_gold = target_answers[sample], source_answers[sample]
+                rows.append({
+                    "sample": sample,
+                    "layer": start,
+                    "unified_layer": start + 1,
+                    "mode": mode,
+                    "answer": answer,
+                    "baseline": baseline[s],
+                    "target_answer": t_gold,
+                    "source_answer": s_gold,
+                    "changed": answer != baseline[s],
+                    "flipped_to_source": apply_grader(source_grader, sample, answer, s_gold),
+                    "target_correct": apply_grader(grader, sample, answer, t_gold),
+                    "variant": text,
+                })
+    frame = gather_frame(pd.DataFrame(rows), sort=["layer", "sample"], parallel=options.backend)
+    return SwapResult(frame, {"analysis": "vision_swap", "mode": mode, "layers": chosen,
+                              "generation": config_record(config), "n_samples": n, "options": options.record()})
 
 
 def swap_pairs(vlm: Any, pairs: Sequence[Any]) -> tuple[Batch, Batch, list[str], list[str]]:

@@ -21,18 +21,11 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from ..errors import InputError, InterventionError
+from ..errors import InputError
 from ..model.inputs import Batch
+from . import objects
 from . import sites as site_ops
-
-
-def _cache_length(cache: Any, layer: int) -> int:
-    if cache is None:
-        return 0
-    try:
-        return int(cache.get_seq_length(layer))
-    except TypeError:
-        return int(cache.get_seq_length())
+from .positions import PositionSpec, column_mask
 
 
 def knockout_mask(
@@ -46,86 +39,48 @@ def knockout_mask(
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
-    """The attention mask with query->key edges removed.
+    """The attention mask with query->key edges removed, for a call whose ``n_k`` keys are
+    absolute columns ``0..n_k-1`` and whose queries are the last ``n_q`` of them (a full
+    cache; :class:`~vlm_probe.interventions.Knockout` finds the columns from the cache layout).
 
     Args:
         base: the mask the layer received (bool ``True``=attend, or additive float), ``[B, 1|H, Tq, Tk]``,
             or ``None`` (pure causal).
-        queries: ``[batch, total]`` absolute-position mask of query positions; the current
-            queries are the last ``n_q`` of the ``n_k`` key positions.
+        queries: ``[batch, total]`` absolute-position mask of query positions.
         keys: ``[batch, total]`` absolute-position mask of key positions.
-        n_q: number of query positions in this call.
-        n_k: number of key positions in this call.
         heads: query heads to knock out (all when ``None``).
-        n_heads: the layer's number of query heads.
-        dtype: dtype of the layer's activations.
-        device: device of the layer's activations.
 
     Returns:
         A mask of the same kind as ``base`` (bool when ``base`` is ``None``).
     """
-    batch = queries.shape[0]
-
-    def window(mask: Tensor, start: int, stop: int) -> Tensor:
-        if mask.shape[1] < stop:
-            mask = torch.nn.functional.pad(mask, (0, stop - mask.shape[1]))
-        return mask[:, start:stop].to(device)
-
-    q = window(queries, n_k - n_q, n_k)  # [B, Tq]
-    k = window(keys, 0, n_k)  # [B, Tk]
-    blocked = q[:, None, :, None] & k[:, None, None, :]  # [B, 1, Tq, Tk]
-    own = torch.arange(n_k - n_q, n_k, device=device)[:, None] == torch.arange(n_k, device=device)[None, :]
-    blocked = blocked & ~own  # a token always attends to itself
-    if heads is not None:
-        selected = torch.zeros(n_heads, dtype=torch.bool, device=device)
-        selected[list(heads)] = True
-        blocked = blocked & selected[None, :, None, None]
-    if base is None:
-        idx_q = torch.arange(n_k - n_q, n_k, device=device)[:, None]
-        base = (torch.arange(n_k, device=device)[None, :] <= idx_q)[None, None].expand(batch, 1, n_q, n_k)
-    if base.dtype == torch.bool:
-        return base & ~blocked
-    return torch.where(blocked, torch.finfo(base.dtype).min, base)
+    q_cols, k_cols = torch.arange(n_k - n_q, n_k), torch.arange(n_k)
+    q = column_mask(None, queries, q_cols)
+    k = column_mask(None, keys, k_cols)
+    return objects.knockout_mask(base, q, k, q_cols, k_cols, heads, n_heads, slice(None), queries.shape[0], device)
 
 
 def knockout(
     vlm: Any,
     layer: int,
-    queries: Bool[Tensor, "batch total"],
-    keys: Bool[Tensor, "batch total"],
+    queries: PositionSpec,
+    keys: PositionSpec,
     heads: Sequence[int] | None = None,
+    batch: Batch | None = None,
 ) -> None:
-    """Block attention edges from ``queries`` to ``keys`` in decoder ``layer``, inside a trace.
+    """Block attention edges from ``queries`` to ``keys`` in decoder ``layer``, inside a trace
+    (``Knockout(layer, queries, keys, heads).apply(vlm, batch)``).
 
     Args:
-        queries: ``[batch, total]`` mask of query positions (absolute; ``total`` may exceed
-            the prompt to cover generated tokens).
-        keys: ``[batch, total]`` mask of key positions.
+        queries: ``[batch, total]`` mask of query positions (absolute columns of the padded
+            batch; ``total`` may exceed the prompt to cover generated tokens), or with
+            ``batch`` given a position spec (a group, ``"generated"``, ...).
+        keys: ``[batch, total]`` mask of key positions (or a spec with ``batch``).
         heads: query heads to block (default: all).
 
-    A token always keeps attending to itself. In a generation trace, call it at every step.
+    A token always keeps attending to itself. In a generation trace, call it at every step:
+    positions come from the cache layout, so sliding-window layers are edited correctly.
     """
-    sites = vlm.layers[layer]
-    if sites.is_cross_attention:
-        raise InterventionError(
-            f"Decoder layer {layer} is a cross-attention layer; knockout edits self-attention edges. "
-            "Block image inputs of a cross-attention layer with its cross_attention_mask instead."
-        )
-    if heads is not None and any(not 0 <= h < vlm.n_heads for h in heads):
-        raise InputError(f"Head indices must lie in 0..{vlm.n_heads - 1}; got {list(heads)}.")
-    args, kwargs = sites.attn.inputs
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    n_q = int(hidden.shape[1])
-    base = kwargs.get("attention_mask")
-    if base is not None:
-        n_k = int(base.shape[-1])
-    else:
-        cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
-        n_k = _cache_length(cache, layer) + n_q
-    mask = knockout_mask(
-        base, queries, keys, n_q, n_k, heads, vlm.n_heads, hidden.dtype, hidden.device
-    )
-    sites.attn.inputs = (args, {**kwargs, "attention_mask": mask})
+    objects.Knockout(layer, queries, keys, None if heads is None else tuple(heads)).apply(vlm, batch)
 
 
 # ----------------------------------------------------------------------------- vision kv swap
@@ -141,7 +96,7 @@ def vision_kv(
         (the batch's vision positions in row-major order). One forward.
     """
     vlm.require_image_positions("the vision key/value swap")
-    layers = sorted(set(layers))
+    layers = sorted(set(vlm.layer_indices(layers)))
     mask = batch.layout.mask("vision")
     with torch.no_grad(), vlm.trace(batch):
         saved = nnsight.save(
@@ -182,18 +137,8 @@ def swap_vision_kv(
         layers: decoder layers to swap (e.g. ``range(L, n_layers)`` for "from L onward").
         rows: restrict the swap to these rows of ``target``.
     """
-    vlm.require_image_positions("the vision key/value swap")
-    mask = target.layout.mask("vision")
+    layers = sorted(set(layers))
+    positions: PositionSpec = "vision"
     if rows is not None:
-        mask = mask & rows[:, None]
-    for layer in sorted(set(layers)):
-        if layer not in source_kv:
-            raise InputError(f"No source keys/values for layer {layer}; collect them with vision_kv(...).")
-        k, v = source_kv[layer]
-        if int(mask.sum()) != k.shape[0]:
-            raise InputError(
-                f"The target has {int(mask.sum())} vision tokens to swap but the source gives {k.shape[0]}; "
-                "source and target must give the same number of vision tokens per row."
-            )
-        site_ops.edit(vlm, "k", layer, mask, k)
-        site_ops.edit(vlm, "v", layer, mask, v)
+        positions = target.layout.mask("vision") & rows[:, None]
+    objects.SwapKV(tuple(layers), positions).apply(vlm, target, source=dict(source_kv))

@@ -5,11 +5,13 @@ Anywhere an intervention takes positions it accepts a :data:`PositionSpec`:
 * a group name of the batch's layout (``"vision"``, ``"question"``, ``"last"``, ``"image0"``, ...),
 * ``"all"`` (every non-pad position),
 * an int or a sequence of ints (positions shared by every row; negative ints count from the end),
-* a ``[batch, seq]`` boolean mask.
+* a ``[batch, seq]`` boolean mask (``seq`` may run past the prompt to name generated tokens),
+* for attention edges, ``"generated"``: the last prompt position and every generated token.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -42,6 +44,10 @@ def resolve_positions(
             return batch.inputs["attention_mask"].bool()
         return batch.layout.mask(spec)
     if isinstance(spec, Tensor) and spec.dtype == torch.bool:
+        if spec.dim() == 2 and spec.shape[0] == shape[0] and spec.shape[1] > shape[1]:
+            if bool(spec[:, shape[1]:].any()):
+                raise InputError("This position mask names positions past the prompt; only attention edges take those.")
+            spec = spec[:, : shape[1]]
         if tuple(spec.shape) != shape:
             raise InputError(f"A position mask must have the batch's shape {shape}; got {tuple(spec.shape)}.")
         return spec
@@ -56,11 +62,59 @@ def resolve_positions(
 
 
 def positions_label(spec: PositionSpec) -> str:
-    """A short label for a position spec, for result tables."""
+    """A short label for a position spec, for result tables; different masks get different
+    labels (``mask:<8 hex digits of a hash of the mask>``)."""
     if isinstance(spec, str):
         return spec
     if isinstance(spec, int):
         return str(spec)
     if isinstance(spec, Tensor):
-        return "mask" if spec.dtype == torch.bool else ",".join(str(int(p)) for p in spec.flatten())
+        if spec.dtype == torch.bool:
+            digest = hashlib.sha1(str(tuple(spec.shape)).encode() + spec.cpu().numpy().tobytes()).hexdigest()
+            return f"mask:{digest[:8]}"
+        return ",".join(str(int(p)) for p in spec.flatten())
     return ",".join(str(int(p)) for p in spec)
+
+
+def positions_to_json(spec: PositionSpec) -> Any:
+    """A JSON-ready form of a position spec (a mask becomes ``{"mask": [[columns of row 0], ...], "width": w}``)."""
+    if isinstance(spec, Tensor):
+        if spec.dtype == torch.bool:
+            return {"mask": [row.nonzero().flatten().tolist() for row in spec.cpu()], "width": int(spec.shape[1])}
+        return [int(p) for p in spec.flatten()]
+    if isinstance(spec, (str, int)):
+        return spec
+    return [int(p) for p in spec]
+
+
+def positions_from_json(data: Any) -> PositionSpec:
+    """The position spec :func:`positions_to_json` wrote."""
+    if isinstance(data, dict):
+        mask = torch.zeros(len(data["mask"]), int(data["width"]), dtype=torch.bool)
+        for row, columns in enumerate(data["mask"]):
+            mask[row, columns] = True
+        return mask
+    return tuple(data) if isinstance(data, list) else data
+
+
+def column_mask(
+    batch: Batch | None, spec: PositionSpec, columns: Tensor, *, vlm: Any = None, what: str = "this intervention"
+) -> Bool[Tensor, "batch n"]:
+    """Whether each row's absolute ``columns`` (which may lie past the prompt, at generated
+    tokens) are among the positions ``spec`` names; ``"generated"`` names the last prompt
+    position and every later column. ``batch`` may be ``None`` when ``spec`` is a mask."""
+    columns = columns.long().cpu()
+    if isinstance(spec, Tensor) and spec.dtype == torch.bool and (batch is None or spec.shape[0] == len(batch)):
+        mask = spec.cpu()
+    elif batch is None:
+        raise InputError(f"{what}: a position spec other than a [batch, total] mask needs the batch.")
+    elif isinstance(spec, str) and spec == "generated":
+        last = torch.tensor([row.spans["last_prompt"][0] for row in batch.layout])
+        return columns[None, :] >= last[:, None]
+    else:
+        mask = resolve_positions(batch, spec, vlm=vlm, what=what)
+    width = mask.shape[1]
+    inside = columns < width
+    out = torch.zeros(mask.shape[0], len(columns), dtype=torch.bool)
+    out[:, inside] = mask[:, columns[inside]]
+    return out

@@ -1,6 +1,8 @@
 """Intervention primitives, called inside a trace (``with vlm.trace(batch): patch(...)``).
 
-Each primitive changes the running forward only; nothing outlives the trace.
+Each primitive is a one-line front end of an intervention object
+(:mod:`~vlm_probe.interventions.objects`): ``patch(...)`` is ``Patch(...).apply(...)``, the
+same code every sweep runs. Each changes the running forward only; nothing outlives the trace.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..model.inputs import Batch
 from . import sites as site_ops
+from .objects import Ablate, Patch, Skip
 from .positions import PositionSpec, resolve_positions
 
 AblationMode = Literal["zero", "mean", "resample"]
@@ -32,7 +35,7 @@ def patch(
     Args:
         batch: the batch this trace (or invoke) runs; names the positions.
         site: one of :data:`~vlm_probe.interventions.sites.SITES`.
-        layer: 0-based decoder layer.
+        layer: 0-based decoder layer or vision block (negative counts from the end).
         positions: group name, positions or ``[batch, seq]`` mask.
         value: ``[batch, seq, dim]`` (an activation of another run, another invoke, or another
             checkpoint, same width), ``[n_selected, dim]``, or ``[dim]``.
@@ -40,9 +43,7 @@ def patch(
     Returns:
         The patched activation.
     """
-    site_ops.check_site(site)
-    mask = resolve_positions(batch, positions, vlm=vlm, what=f"patching {site} at {positions!r}")
-    return site_ops.edit(vlm, site, layer, mask, value)
+    return Patch(site, layer, positions).apply(vlm, batch, source=value)
 
 
 def ablate(
@@ -62,24 +63,9 @@ def ablate(
             :func:`mean_activation`); ``"resample"`` (``reference`` is ``[n_ref, dim]``: each
             selected position takes a row drawn with ``seed``).
     """
-    site_ops.check_site(site)
-    mask = resolve_positions(batch, positions, vlm=vlm, what=f"ablating {site} at {positions!r}")
-    n = int(mask.sum())
-    if mode == "zero":
-        return site_ops.edit(vlm, site, layer, mask, torch.zeros(()))
-    if reference is None:
+    if mode != "zero" and reference is None:
         raise InputError(f"{mode}-ablation needs reference activations (see vlm_probe.interventions.mean_activation).")
-    if mode == "mean":
-        if reference.dim() != 1:
-            raise InputError(f"mean-ablation takes a [dim] mean; got shape {tuple(reference.shape)}.")
-        return site_ops.edit(vlm, site, layer, mask, reference.expand(n, -1))
-    if mode == "resample":
-        if reference.dim() != 2:
-            raise InputError(f"resample-ablation takes [n_ref, dim] rows; got shape {tuple(reference.shape)}.")
-        generator = torch.Generator().manual_seed(seed)
-        rows = torch.randint(0, reference.shape[0], (n,), generator=generator)
-        return site_ops.edit(vlm, site, layer, mask, reference[rows])
-    raise InputError(f"Unknown ablation mode {mode!r}; use 'zero', 'mean' or 'resample'.")
+    return Ablate(site, layer, positions, mode=mode, seed=seed).apply(vlm, batch, reference=reference)
 
 
 def skip_layer(vlm: Any, layer: int) -> None:
@@ -89,8 +75,7 @@ def skip_layer(vlm: Any, layer: int) -> None:
     attention and MLP contributions are removed from the residual stream. In a generation
     trace, apply it at every step (``for _ in tracer.iter[:n]: skip_layer(vlm, L)``).
     """
-    sites = vlm.layers[layer]
-    sites.output = sites.input
+    Skip(layer).apply(vlm, None)
 
 
 def mean_activation(
@@ -98,6 +83,7 @@ def mean_activation(
 ) -> Float[Tensor, " dim"]:
     """Mean activation of ``site`` at ``layer`` over the selected positions of a reference batch."""
     mask = resolve_positions(batch, positions, vlm=vlm)
+    layer = site_ops.index_of(vlm, site, layer)
     with torch.no_grad(), vlm.trace(batch):
         act = site_ops.read(vlm, site, layer).save()
     return act[mask.to(act.device)].float().mean(0).to(act.dtype)
@@ -108,6 +94,7 @@ def activations_at(
 ) -> Float[Tensor, "n dim"]:
     """Activations of ``site`` at ``layer`` at the selected positions (rows in row-major order)."""
     mask = resolve_positions(batch, positions, vlm=vlm)
+    layer = site_ops.index_of(vlm, site, layer)
     with torch.no_grad(), vlm.trace(batch):
         act = site_ops.read(vlm, site, layer).save()
     return act[mask.to(act.device)]

@@ -140,6 +140,7 @@ class BatchLayout(Sequence[TokenLayout]):
 
     def __init__(self, rows: Sequence[TokenLayout]) -> None:
         self.rows = tuple(rows)
+        self._masks: dict[str, Tensor] = {}  # the rows never change: each group's mask is built once
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -191,8 +192,10 @@ class BatchLayout(Sequence[TokenLayout]):
         return {name: self.positions(name) for name in self.names() if self.uniform(name)}
 
     def mask(self, group: str) -> Bool[Tensor, "batch seq"]:
-        """``[batch, seq]`` mask of ``group`` (rows may differ)."""
-        return torch.stack([row.mask(group) for row in self.rows])
+        """``[batch, seq]`` mask of ``group`` (rows may differ); a fresh tensor each call."""
+        if group not in self._masks:
+            self._masks[group] = torch.stack([row.mask(group) for row in self.rows])
+        return self._masks[group].clone()
 
     def __repr__(self) -> str:
         return f"BatchLayout(rows={len(self.rows)}, length={self.length}, groups={self.names()})"

@@ -21,13 +21,14 @@ from PIL import Image
 
 from ..arch import FamilySpec, get_spec
 from ..errors import InputError, NoOpInterventionError, SpecMismatchError
+from .capabilities import Capabilities
 from .inputs import Batch, Collator, ForwardInputs, Template, encode_row, render_prompt
 from .sites import DecoderLayer, SiteList, VisionSites, cross_attention_layers, resolve
 
 PromptLike = str | list[dict[str, Any]]
 
 
-class VLM(TransformersModel):
+class VLM(Capabilities, TransformersModel):
     """A vision-language model wrapped for tracing, with standard sites and token layouts.
 
     Build it with :func:`vlm_probe.load`. Inside ``with vlm.trace(batch):`` read or write
@@ -74,6 +75,7 @@ class VLM(TransformersModel):
         if getattr(self.config, "image_token_id", None) is None:
             raise SpecMismatchError(f"{spec.display_name}: the config has no image_token_id.")
         set_(self, "collator", Collator(spec, int(self.tokenizer.pad_token_id)))
+        self._init_capabilities()
 
     @property
     def hf(self) -> torch.nn.Module:
@@ -123,12 +125,13 @@ class VLM(TransformersModel):
         return self.vision.depth
 
     def unified_index(self, site: str, index: int) -> int:
-        """Unified layer index of a vision block (``site='vision'``), the projector, or a decoder layer."""
+        """Unified layer index of a vision block (``site='vision'``), the projector, or a decoder
+        layer (any other ``site``); negative block and layer indices count from the end."""
         if site == "vision":
-            return index - self.vision.depth if index >= 0 else index
+            return self.layer_index(index, "vision") - self.vision.depth
         if site == "projector":
             return 0
-        return index + 1 if index >= 0 else self.n_layers + index + 1
+        return self.layer_index(index) + 1
 
     def require_image_positions(self, what: str = "this intervention") -> None:
         """Raise where image positions carry no image content (Mllama's cross-attention design)."""
