@@ -107,7 +107,7 @@ class Recipe:
         mixture=(*PERCEPTION_MIXTURE, ("text", 1.0)),
     )
     instruct: SFTStage = SFTStage(
-        steps=150, batch_size=32, lr=5e-4, warmup=20, demos=700, error_rate=0.3,
+        steps=150, batch_size=32, lr=5e-4, warmup=20, demos=500, error_rate=0.3,
         mixture=(("perception", 0.3), ("v2r", 0.35), ("text", 0.15), ("described", 0.2)),
     )
     rl: RLStage = RLStage()

@@ -39,6 +39,7 @@ from ..evaluation.grading import grade
 from .decoding import complete, completion_logits, decode_responses
 from .encoding import Encoded, Encoder
 from .freezing import frozen
+from .train import lr_factor
 from .tasks import Item
 
 #: The RL estimator this module implements (recorded in build logs).
@@ -158,10 +159,14 @@ def grpo(
     seed: int = 0,
     frozen_params: Collection[str] = (),
     clip: float = 1.0,
+    warmup: int = 10,
     desc: str = "rl",
     quiet: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``policy`` in place; returns one log row per step.
+
+    The learning rate warms up over ``warmup`` steps and then decays along a cosine to a tenth
+    of ``lr`` (late steps move the policy less, so the end of the run is stable).
 
     Log columns: ``reward`` (mean, format bonus included), ``correct`` (mean), ``correct/<family>``,
     ``kl`` (per token, when a reference is given), ``pg`` (the policy-gradient loss) and
@@ -177,6 +182,7 @@ def grpo(
     log: list[dict[str, float]] = []
     with frozen(policy, frozen_params) as params:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
         bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
         for _ in bar:
             items = [next(stream) for _ in range(prompts)]
@@ -184,6 +190,7 @@ def grpo(
                                   max_new_tokens=max_new_tokens, format_reward=format_reward, generator=generator).log
             torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             log.append(row)
             if len(log) % 5 == 0:
