@@ -23,7 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--plan", help="merge plan YAML")
     which.add_argument("--preset", help="early:mid:late pattern, e.g. IN:RL:RL")
-    parser.add_argument("--host", help="the checkpoint supplying everything the plan does not replace")
+    parser.add_argument("--host", default="early",
+                        help="with --preset: the checkpoint that supplies everything outside the decoder layers "
+                        "(vision tower, projector, embeddings, final norm, lm_head); 'early' takes the early "
+                        "third's source, as the published splices do")
     parser.add_argument("--cuts", help="where mid and late start (0-based decoder layers), e.g. 9,18")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true")
