@@ -300,6 +300,8 @@ G = (0.25, 0.125, 0.375)
     (freezing((0.0, -0.125, 0.0), mid=(-0.25, -0.375, -0.125)), 5, X),          # RL does not beat IN
     (freezing((0.0, 0.0, 0.0), mid=(-0.25, -0.375, -0.125)), 5, X),             # a gain of exactly 0
     (freezing((0.125, -0.125, 0.375), mid=(-0.25, -0.375, -0.125)), 5, I),      # RL's gain uncertain
+    (freezing((0.0, -0.125, 0.125), mid=(-0.25, -0.375, -0.125)), 12.5, X),     # gain at most the margin
+    (freezing((0.0, -0.125, 0.125), mid=(-0.25, -0.375, -0.125)), 12.25, I),    # could exceed it
 ])
 def test_freezing_claim(table, margin, expected) -> None:
     result = claim_freezing(table, ClaimParameters(accuracy_margin=margin))
