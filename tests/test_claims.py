@@ -225,8 +225,8 @@ def test_perception_not_tested_and_unpaired_tables() -> None:
 
 def test_transition_rule_is_the_analyses_rule() -> None:
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame([{"sample": s, "layer": l, "changed": bool(rng.random() < 1 - l / 8)}
-                          for s in range(30) for l in range(8)])
+    frame = pd.DataFrame([{"sample": s, "layer": k, "changed": bool(rng.random() < 1 - k / 8)}
+                          for s in range(30) for k in range(8)])
     t = transition_difference(frame, frame, n_resamples=100)
     assert t.a == SwapResult(frame).transition_layer(n_resamples=10)["layer"]
     assert t.difference.low == t.difference.high == 0.0

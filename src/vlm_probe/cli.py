@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "commands.eval",
     "commands.probes",
     "commands.surgery",
+    "commands.report",
     "testbed.commands",
 )
 

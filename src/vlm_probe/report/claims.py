@@ -370,7 +370,8 @@ def claim_transfer(items: pd.DataFrame | None, params: ClaimParameters = ClaimPa
                            f"{sorted(set(items['metric']))}); {metric} needs v2r.jsonl.")
     for variant in ("IN", "RL", "IN:RL:RL"):
         if variant not in set(part["variant"]):
-            raise InputError(f"The transfer table lacks the variant {variant!r} (it has {sorted(set(part['variant']))}).")
+            raise InputError(f"The transfer table lacks the variant {variant!r} (it has "
+                             f"{sorted(set(part['variant']))}).")
     boot = params._boot
     gain = paired_items(part, "IN", "RL", **boot)
     stop = gain_gate(gain, params, metric)
