@@ -160,8 +160,9 @@ def check_figure(fig: go.Figure) -> list[str]:
     layout = fig.layout
     if layout.template is None or layout.template.layout.plot_bgcolor not in ("white", "rgb(255,255,255)", "#fff"):
         problems.append("not on the white template")
-    heatmap = any(t.type == "heatmap" for t in fig.data)
-    for name in [k for k in layout.to_plotly_json() if k.startswith(("xaxis", "yaxis"))]:
+    heatmap = any(t.type == "heatmap" for t in fig.data)  # a picture: its axes are pixels
+    used = {f"{k}axis{(getattr(t, k + 'axis', None) or k)[1:]}" for t in fig.data for k in ("x", "y")}
+    for name in sorted(used | {k for k in layout.to_plotly_json() if k.startswith(("xaxis", "yaxis"))}):
         axis = layout[name]
         if axis.visible is False or heatmap:
             continue
