@@ -16,7 +16,14 @@ from vlm_probe.errors import InputError
 from vlm_probe.report.claims import ClaimParameters, judge
 from vlm_probe.report.figures import band_figure, check_figure
 from vlm_probe.report.html import Section
-from vlm_probe.report.inputs import DEFAULT_MAX_NEW_TOKENS, Inputs, describe_sample, find_data, read_manifest, stratified
+from vlm_probe.report.inputs import (
+    DEFAULT_MAX_NEW_TOKENS,
+    Inputs,
+    describe_sample,
+    find_data,
+    read_manifest,
+    stratified,
+)
 from vlm_probe.report.summary import answer_first
 
 
