@@ -151,3 +151,22 @@ def test_skipped_sections_say_why_and_how_to_run_them() -> None:
     assert "Skipped: needs text.jsonl. To run it: --data with text.jsonl." in html
     failed = Section("swap", "Swap", status="failed", reason="ValueError: boom").html()
     assert "This analysis failed: ValueError: boom" in failed
+
+
+def test_pooled_prompts_describe_the_sample_that_runs(tmp_path, zoo) -> None:
+    from vlm_probe.report.pipeline import Options, Pipeline
+
+    zoo("qwen2_5_vl").image(0).save(tmp_path / "img.png")
+    for name, tasks in (("perception.jsonl", ("count", "color")), ("v2r.jsonl", ("plus", "minus"))):
+        rows = [{"id": f"{name}{i}", "question": "how many ?", "image": "img.png", "answer": "1",
+                 "description": "one circle", "task": tasks[i % 2]} for i in range(4)]
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    inputs = Inputs({}, find_data(tmp_path), None, {}, tmp_path)
+    pipeline = Pipeline(inputs, tmp_path / "out", Options())
+    requests, described = pipeline.prompts(3, images=True)
+    assert len(requests) == 3
+    counts = [int(text.split()[2]) for text in described]
+    assert sum(counts) == 3 and all(text.endswith("task-stratified") for text in described), described
+    everything, described = pipeline.prompts(None, images=True)
+    assert len(everything) == 8 and described == ["n = 4 math VQA items (minus 2, plus 2)",
+                                                  "n = 4 general VQA items (color 2, count 2)"]

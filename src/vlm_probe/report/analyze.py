@@ -87,7 +87,8 @@ def analyze(
     """Run the analyses, judge the claims, write ``out/report.html``, the tables and ``out/run.json``.
 
     Args:
-        in_path, rl_path: IN and RL checkpoint directories (neither: the built-in testbed).
+        in_path: IN checkpoint directory (with ``rl_path``; neither: the built-in testbed).
+        rl_path: RL checkpoint directory.
         base_path: optional Base checkpoint (weights section only).
         data: a folder with any of swap.jsonl (or ``<task>/data.jsonl``), perception.jsonl,
             v2r.jsonl, text.jsonl (default: the testbed's held-out set).

@@ -176,16 +176,20 @@ class Pipeline:
                  ("swap", "target", "swap targets")]
         if not images and not any(self.dataset(key) is not None and len(self.dataset(key)) for key, _, _ in roles):
             roles = [("reasoning", "text", "text items")]
-        requests, described = [], []
+        pool: list[tuple[str, str, Any]] = []
         for key, condition, what in roles:
             data = self.dataset(key)
             if data is None or not len(data):
                 continue
-            part = stratified(data, n)
-            requests += build_requests(part, condition, self.fmt())
-            described.append(self.described(part, what, key))
+            pool += [(key, what, r) for r in build_requests(stratified(data, n), condition, self.fmt())]
+        requests = [r for _, _, r in pool]
         if n is not None and len(requests) > n:  # stratify the pool again, by task
-            requests = list(stratified(_Pool(requests), n).items)
+            kept = {id(r) for r in stratified(_Pool(requests), n).items}
+            pool = [entry for entry in pool if id(entry[2]) in kept]
+            requests = [r for _, _, r in pool]
+        described = []
+        for key, what, _ in dict.fromkeys((k, w, None) for k, w, _ in pool):
+            described.append(self.described([r for k, _, r in pool if k == key], what, key))
         return requests, described
 
     def batches(self, requests: list[Any]) -> Iterator[tuple[int, Any]]:
