@@ -170,3 +170,11 @@ def test_pooled_prompts_describe_the_sample_that_runs(tmp_path, zoo) -> None:
     everything, described = pipeline.prompts(None, images=True)
     assert len(everything) == 8 and described == ["n = 4 math VQA items (minus 2, plus 2)",
                                                   "n = 4 general VQA items (color 2, count 2)"]
+
+
+def test_answer_first_claims_no_move_without_a_swap_signal() -> None:
+    rows = [{"sample": s, "layer": k, "changed": False} for s in range(6) for k in range(4)]
+    tables = {"swap_IN": pd.DataFrame(rows), "swap_RL": pd.DataFrame(rows)}
+    claims = judge(tables, cuts=Cuts.make(None, 4), params=ClaimParameters(n_resamples=50))
+    sentence = answer_first(tables, claims, Cuts.make(None, 4))[-1]
+    assert "too few answers" in sentence and "moves" not in sentence and "stays" not in sentence

@@ -59,7 +59,8 @@ def describe_model(vlm: Any, inputs: Inputs) -> dict[str, Any]:
     params = sum(p.numel() for p in vlm.hf.parameters())
     family = vlm.spec.display_name
     size = f"{params / 1e6:.1f} M" if params < 1e9 else f"{params / 1e9:.1f} B"
-    shape = f"{vlm.n_layers} decoder layers, {vlm.n_vision_blocks} vision blocks"
+    blocks = vlm.n_vision_blocks
+    shape = f"{vlm.n_layers} decoder layers, {blocks} vision block{'s' if blocks != 1 else ''}"
     if inputs.testbed is not None:
         recipe = inputs.testbed.recipe
         reduced = " (reduced, for tests)" if getattr(recipe, "reduced", False) else ""

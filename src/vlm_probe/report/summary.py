@@ -106,7 +106,9 @@ def image_sentence(tables: Mapping[str, pd.DataFrame], claims: Sequence[ClaimRes
                      f"{n['difference_high']:+.4f}] attention on the image in the mid and late layers relative to IN "
                      f"({attention.verdict.value})")
     perception = next((c for c in claims if c.id == "perception"), None)
-    if perception is not None and perception.lines and "a" in perception.lines[0].numbers:
+    if perception is not None and perception.verdict.value == "no signal":
+        parts.append("the vision-token swap changes too few answers to locate where the image is read (no signal)")
+    elif perception is not None and perception.lines and "a" in perception.lines[0].numbers:
         n = perception.lines[0].numbers
         moved = "stays at" if n["a"] == n["b"] else f"moves from L{n['a'] + 1} to"
         parts.append(f"the vision-token swap transition {moved} L{n['b'] + 1} (\"where the image is read is "
