@@ -29,7 +29,7 @@ from vlm_probe.evaluation import (
     load_vqa,
     run_requests,
 )
-from vlm_probe.evaluation.commands import register
+from vlm_probe.commands.eval import register
 from vlm_probe.results import Result
 from vlm_probe.testbed.zoo import tiny_vlm
 

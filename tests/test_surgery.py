@@ -199,8 +199,13 @@ def test_validation_names_the_problem(trio, tmp_path, zoo) -> None:
 def test_presets_and_yaml() -> None:
     variants = published_variants("IN", "RL", cuts=(9, 18))
     assert list(variants) == ["IN:RL:RL", "RL:IN:IN", "IN:IN:RL", "RL:RL:IN", "IN:RL:IN", "RL:IN:RL"]
-    plan = variants["RL:IN:RL"]
-    assert plan.host == "IN" and [r.regions for r in plan.rules] == [("early",), ("late",)]
+    plan = variants["RL:IN:RL"]  # the published host: the early third's source
+    assert plan.host == "RL" and [(r.regions, r.source) for r in plan.rules] == [(("mid",), "IN")]
+    kept = published_variants("IN", "RL", cuts=(9, 18), host="IN")["RL:IN:RL"]
+    assert kept.host == "IN" and [r.regions for r in kept.rules] == [("early",), ("late",)]
+    # the host follows the pattern's position, never the checkpoints' names
+    assert thirds_plan("RL:IN:IN").host == "RL" and thirds_plan("RL:SFT:SFT").host == "RL"
+    assert thirds_plan("SFT:RL:RL").host == "SFT" and thirds_plan("RL:IN:IN", host="IN").host == "IN"
     text = plan.to_yaml()
     assert yaml.safe_load(text)["cuts"] == [9, 18]
     assert MergePlan.from_yaml(text) == plan
@@ -216,13 +221,56 @@ def test_presets_and_yaml() -> None:
 
 def test_published_variants_take_each_third_from_its_named_checkpoint(trio) -> None:
     paths, _ = trio
-    model = tiny_vlm("qwen2_5_vl", n_layers=N_LAYERS).model
-    for name, plan in published_variants(cuts=(2, 4)).items():
-        with splice(model, plan, paths) as summary:
-            changed_layers = sorted({int(n.split(".")[3]) for n in summary.changed})
-        expected = [d for d, src in zip(range(N_LAYERS), [p for p in name.split(":") for _ in range(2)]) if src == "RL"]
-        assert changed_layers == expected, name
-        assert not any("visual" in n or "embed" in n or "lm_head" in n for n in summary.changed)
+    model = tiny_vlm("qwen2_5_vl", n_layers=N_LAYERS).model  # holds IN's weights
+    for host in ("early", "IN"):
+        for name, plan in published_variants(cuts=(2, 4), host=host).items():
+            with splice(model, plan, paths, loaded="IN") as summary:
+                changed_layers = sorted({int(n.split(".")[3]) for n in summary.changed if ".layers." in n
+                                         and "visual" not in n})
+                outside = {n for n in summary.changed if ".layers." not in n or "visual" in n}
+            expected = [d for d, src in zip(range(N_LAYERS), [p for p in name.split(":") for _ in range(2)])
+                        if src == "RL"]
+            assert changed_layers == expected, (host, name)
+            takes_rl_host = host == "early" and name.startswith("RL")
+            assert bool(outside) == takes_rl_host, (host, name)
+            if takes_rl_host:
+                assert any("visual" in n for n in outside) and any("embed" in n for n in outside)
+                assert "lm_head.weight" in outside
+
+
+def _hand_splice(paths: dict[str, Path], pattern: str, host: str, cuts: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The published splice, by hand: load the host model whole, then copy each third's decoder
+    layers from its source with ``load_state_dict`` (the published code's host is the early
+    third's source)."""
+    from transformers import AutoModelForImageTextToText
+
+    parts = pattern.split(":")
+    base = AutoModelForImageTextToText.from_pretrained(paths[parts[0] if host == "early" else host])
+    layers = base.model.language_model.layers
+    bounds = [(0, cuts[0]), (cuts[0], cuts[1]), (cuts[1], len(layers))]
+    for source, (start, stop) in zip(parts, bounds):
+        donor = AutoModelForImageTextToText.from_pretrained(paths[source]).model.language_model.layers
+        for i in range(start, stop):
+            layers[i].load_state_dict(donor[i].state_dict())
+    return _state(base)
+
+
+@pytest.mark.parametrize("host", ["early", "IN"])
+def test_variants_equal_a_hand_splice_for_both_host_choices(trio, tmp_path, host: str) -> None:
+    paths, _ = trio
+    ckpts = {k: open_checkpoint(v) for k, v in paths.items()}
+    assert all(not torch.equal(ckpts["IN"].tensor(n), ckpts["RL"].tensor(n)) for n in ckpts["IN"].tensors), \
+        "the trio must differ in every tensor, or a wrong host could go unnoticed"
+    cuts = (2, 4)
+    model = tiny_vlm("qwen2_5_vl", n_layers=N_LAYERS).model  # IN's weights
+    for name, plan in published_variants("IN", "RL", cuts=cuts, host=host).items():
+        expected = _hand_splice(paths, name, host, cuts)
+        with splice(model, plan, paths, loaded="IN"):
+            assert _equal(_state(model), expected), (host, name)
+        if name == "RL:IN:RL":  # the written checkpoint holds the same tensors
+            written = vlm_probe.weights.reader.open_checkpoint(write_merge(plan, paths, tmp_path / host,
+                                                                           progress=False))
+            assert all(torch.equal(written.tensor(k), expected[k]) for k in written.tensors), host
 
 
 def test_freezing_plan_masks_summarizes_and_exports(trio) -> None:

@@ -40,18 +40,21 @@ def test_transfer_table_matches_written_merges(tmp_path) -> None:
     vlm_probe.model.processors.save_processor(tiny.processor, tmp_path / "RL")
     vqa, text = _data(tmp_path, tiny)
     checkpoints = {"IN": tmp_path / "IN", "RL": tmp_path / "RL"}
-    plans = {"IN:RL:IN": thirds_plan("IN:RL:IN")}
+    plans = {"IN:RL:IN": thirds_plan("IN:RL:IN"), "RL:IN:IN": thirds_plan("RL:IN:IN")}  # hosts IN and RL
     vlm = vlm_probe.load(tmp_path / "IN")
     options = dict(general=vqa, math=vqa, reasoning=text, max_new_tokens=3, batch_size=2)
     table = transfer_table(vlm, checkpoints, plans, progress=False, **options)
-    assert list(dict.fromkeys(table.frame["variant"])) == ["IN", "RL", "IN:RL:IN"]
-    merged = write_merge(plans["IN:RL:IN"], checkpoints, tmp_path / "merged", progress=False)
-    for name, path in (("IN", tmp_path / "IN"), ("RL", tmp_path / "RL"), ("IN:RL:IN", merged)):
+    assert list(dict.fromkeys(table.frame["variant"])) == ["IN", "RL", "IN:RL:IN", "RL:IN:IN"]
+    hosts = dict(zip(table.frame["variant"], table.frame["host"]))
+    assert hosts == {"IN": "IN", "RL": "RL", "IN:RL:IN": "IN", "RL:IN:IN": "RL"}
+    merged = {name: write_merge(plans[name], checkpoints, tmp_path / name.replace(":", "-"), progress=False)
+              for name in plans}
+    for name, path in (("IN", tmp_path / "IN"), ("RL", tmp_path / "RL"), *merged.items()):
         expected = evaluate_fine_grained(vlm_probe.load(path), name=name, quiet=True, **options).metrics()
         got = table.frame[table.frame["variant"] == name].reset_index(drop=True)
         pd.testing.assert_frame_equal(got[["metric", "value", "low", "high", "n"]],
                                       expected[["metric", "value", "low", "high", "n"]])
-    assert table.wide().shape == (3, 3)
+    assert table.wide().shape == (4, 3)
     table.save(tmp_path / "table")
     assert isinstance(Result.load(tmp_path / "table"), TransferTable)
     assert table.plot() is not None

@@ -506,7 +506,7 @@ def test_result_save_load_exports_and_plots(exact_result, tmp_path) -> None:
 
 
 def test_cli_writes_tables_and_figure(chain, tmp_path, capsys) -> None:
-    from vlm_probe.weights.commands import register
+    from vlm_probe.commands.weights import register
     import argparse
 
     parser = argparse.ArgumentParser(prog="vlm-probe")

@@ -1,7 +1,8 @@
 """The ``vlm-probe`` command: thin front-ends over the library.
 
-Each capability registers its subcommand in its own ``commands`` module
-(``register(subparsers)`` adds a parser whose ``func`` runs it); this file only assembles them.
+Each subcommand lives in a module of :mod:`vlm_probe.commands` (``register(subparsers)`` adds a
+parser whose ``func`` runs it; the testbed's own command is ``vlm_probe.testbed.commands``);
+this file only assembles them. No library module imports the command-line code.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .commands.common import HelpFormatter
 from .errors import VLMProbeError
 
 #: Modules that register subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "commands.analyze",
-    "weights.commands",
-    "evaluation.commands",
+    "commands.weights",
+    "commands.eval",
     "commands.probes",
     "commands.surgery",
+    "commands.report",
     "testbed.commands",
 )
 
@@ -34,7 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"vlm_probe.{name}").register(sub)
+    for each in _parsers(parser):  # every option's help shows its default
+        each.formatter_class = HelpFormatter
     return parser
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every subcommand parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += _parsers(child)
+    return found
 
 
 def _version() -> str:

@@ -58,5 +58,9 @@ class MergePlanError(VLMProbeError):
     """An invalid merge or freezing plan."""
 
 
+class RegionError(MergePlanError, InputError):
+    """A region name or layer cuts that do not fit the model (see :mod:`vlm_probe.arch.regions`)."""
+
+
 class GradingError(VLMProbeError, ValueError):
     """A gold answer (or grading option) that cannot be graded as asked."""

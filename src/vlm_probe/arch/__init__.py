@@ -1,4 +1,5 @@
-"""Model-family specs: one small declarative file per family, and the registry that finds them.
+"""Model-family specs: one small declarative file per family, and the registry that finds them;
+the unified layer index (:mod:`.spec`) and the regions and cuts over it (:mod:`.regions`).
 
 Adding a family::
 
@@ -15,6 +16,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import UnknownFamilyError
+from .regions import (
+    REGION_NAMES,
+    REGIONS,
+    THIRDS,
+    Cuts,
+    check_region,
+    in_region,
+    locate_parameters,
+    parameters_in,
+    region_of,
+    vision_depths,
+    vision_depths_from_names,
+)
 from .spec import (
     COMPONENT_RULES,
     LLAVA_STYLE_KEYS,
@@ -106,6 +120,17 @@ def get_spec(key: str | Any) -> FamilySpec:
 __all__ = [
     "BUILTIN_FAMILIES",
     "COMPONENT_RULES",
+    "Cuts",
+    "REGIONS",
+    "REGION_NAMES",
+    "THIRDS",
+    "check_region",
+    "in_region",
+    "locate_parameters",
+    "parameters_in",
+    "region_of",
+    "vision_depths",
+    "vision_depths_from_names",
     "FamilyRegistry",
     "FamilySpec",
     "LLAVA_STYLE_KEYS",

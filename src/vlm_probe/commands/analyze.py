@@ -1,39 +1,88 @@
-"""``vlm-probe analyze``: the whole Frankenstein analysis and its HTML report."""
+"""``vlm-probe analyze``: the whole IN-vs-RL analysis, its verdicts, and its HTML report."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import textwrap
+import time
+from typing import Any
 
 from .common import add_model_options, model_options
 
 EXAMPLE = """examples:
   vlm-probe analyze --out report/                       # the built-in CPU testbed (built on first use)
+  vlm-probe analyze --reduced --out report/             # the reduced testbed: seconds, for a first look
   vlm-probe analyze --in ckpt/in --rl ckpt/rl --base ckpt/base --data mydata/ --out report/
-  vlm-probe analyze --in /models/vl-7b-in --rl /models/vl-7b-rl --data mydata/ --dtype bf16 --device-map auto --cuts 8,20
---data holds any of swap.jsonl (swap pairs), perception.jsonl (general VQA, M_vis),
-v2r.jsonl (VQA with descriptions, M_v2r), text.jsonl (text reasoning, M_rea)."""
+  vlm-probe analyze --in /models/vl-7b-in --rl /models/vl-7b-rl --data shared/data/vision_swap_pairs \\
+      --dtype bf16 --device-map auto --samples 256 --cuts 9,18
+--data holds any of swap.jsonl or <task>/data.jsonl (swap pairs), perception.jsonl (general VQA, M_vis),
+v2r.jsonl (VQA with descriptions, M_v2r), text.jsonl (text reasoning, M_rea), and optionally
+manifest.json ({"prompt_format": {...}, "generation": {"max_new_tokens": N}}). Sections whose data
+is missing are skipped, and the report and this command say which file would enable them."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("analyze", help="run the whole IN-vs-RL analysis and write an HTML report",
                             description="Localize what RL changed: weights, swap and ablation probes, patching, "
-                            "attention mass, drift, probes, block merges (and freezing on the testbed).",
-                            epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--in", dest="in_path", help="IN (supervised cold start) checkpoint directory")
-    parser.add_argument("--rl", dest="rl_path", help="RL checkpoint directory")
-    parser.add_argument("--base", dest="base_path", help="Base checkpoint directory (weights only)")
-    parser.add_argument("--data", help="folder with the analysis datasets (default: the testbed's)")
+                            "attention on the image, logit lens, drift and probes, block merges (and freezing on "
+                            "the testbed); judge the published claims from the results.",
+                            epilog=EXAMPLE)
+    parser.add_argument("--in", dest="in_path", help="IN (supervised cold start) checkpoint directory "
+                        "(default: the built-in testbed's)")
+    parser.add_argument("--rl", dest="rl_path", help="RL checkpoint directory (default: the built-in testbed's)")
+    parser.add_argument("--base", dest="base_path", help="Base checkpoint directory, for the weights section "
+                        "(default: the testbed's, or none)")
+    parser.add_argument("--data", help="folder with the analysis datasets (default: the testbed's held-out set)")
     parser.add_argument("--out", default="vlm_probe_out", help="output directory (report.html, tables, run.json)")
-    parser.add_argument("--samples", type=int, default=24, help="items per probe")
-    parser.add_argument("--eval-items", type=int, default=48, help="items per dataset in the transfer table")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--cuts", help="where the mid and late thirds start (0-based), e.g. 9,18")
+    parser.add_argument("--samples", type=int, help="items per probe, task-stratified (default: every item given; "
+                        "set it for large models)")
+    parser.add_argument("--eval-items", type=int, help="items per dataset in the transfer table, task-stratified "
+                        "(default: every item)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default: the data's "
+                        "manifest.json generation.max_new_tokens, else 32)")
+    parser.add_argument("--cuts", help="where the mid and late thirds start, 0-based decoder indices, e.g. 9,18 "
+                        "(default: N//3,2N//3)")
+    parser.add_argument("--merge-host", default="early", help="merge variants keep the vision tower, projector, "
+                        "embeddings and head of: 'early' (the early third's source, as published) or a checkpoint "
+                        "name such as IN")
+    parser.add_argument("--chunk", type=int, default=32, help="prompts per forward batch")
     parser.add_argument("--reduced", action="store_true", help="use the reduced (seconds) testbed")
     parser.add_argument("--seed", type=int, default=0, help="testbed seed")
     parser.add_argument("--no-freezing", action="store_true", help="skip the testbed freezing runs")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is much steadier on a "
+                        "machine whose cores are busy with other jobs)")
     add_model_options(parser)
     parser.set_defaults(func=run)
+
+
+def _wrap(text: str, width: int, indent: int) -> str:
+    return textwrap.fill(text, width=width, subsequent_indent=" " * indent, break_on_hyphens=False)
+
+
+def print_summary(analysis: Any, started: float, file: Any = None) -> None:
+    """The verdicts (never cut), what was skipped and why, and where the report is."""
+    file = file or sys.stdout
+    width = max(60, min(120, shutil.get_terminal_size((100, 20)).columns))
+    print("What did RL change, and where?", file=file)
+    for sentence in analysis.summary:
+        print("  " + _wrap(sentence, width - 2, 2), file=file)
+    print("\nThe published claims on this run:", file=file)
+    for claim in analysis.claims:
+        print(f"  {claim.verdict.value:<20} " + _wrap(claim.text, width - 23, 23), file=file)
+    print("\nSamples:", file=file)
+    for record in analysis.sections:
+        if record.status == "ran" and record.samples:
+            print(f"  {record.id:<15}" + _wrap("; ".join(record.samples), width - 17, 17), file=file)
+    for record in analysis.skipped:
+        print(_wrap(f"  skipped {record.title}: {record.reason} To run it: {record.enable}.", width, 4), file=file)
+    for name, error in analysis.failures.items():
+        print(f"section {name} failed: {error}", file=sys.stderr)
+    total = time.perf_counter() - started
+    t = analysis.timings
+    print(f"\nreport: {analysis.out / 'report.html'}  (total {total:.0f} s: inputs and testbed "
+          f"{t['inputs_and_testbed']:.0f} s, analyses {t['analysis']:.0f} s)", file=file)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,18 +90,18 @@ def run(args: argparse.Namespace) -> int:
 
     from ..report.analyze import Options, analyze
 
+    started = time.perf_counter()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
     options = Options(samples=args.samples, eval_items=args.eval_items, max_new_tokens=args.max_new_tokens,
-                      cuts=args.cuts, quiet=args.quiet, freezing=not args.no_freezing, load=model_options(args))
+                      cuts=args.cuts, merge_host=args.merge_host, chunk=args.chunk, quiet=args.quiet,
+                      freezing=not args.no_freezing, load=model_options(args))
     analysis = analyze(args.in_path, args.rl_path, base_path=args.base_path, data=args.data, out=args.out,
-                       options=options, reduced=args.reduced, seed=args.seed, command="vlm-probe " + " ".join(sys.argv[1:]))
-    print(f"{'claim':<70} verdict")
-    for claim in analysis.claims:
-        print(f"{claim.text[:68]:<70} {claim.verdict}")
-    failures = analysis.facts.get("failures", {})
-    for name, error in failures.items():
-        print(f"section {name} failed: {error}", file=sys.stderr)
-    timing = sum(analysis.timings.values())
-    print(f"report: {analysis.out / 'report.html'} ({timing:.0f} s)")
-    return 1 if failures else 0
+                       options=options, reduced=args.reduced, seed=args.seed,
+                       command="vlm-probe " + " ".join(sys.argv[1:]), started=started)
+    print_summary(analysis, started)
+    return 1 if analysis.failures else 0

@@ -12,10 +12,30 @@ from ..errors import InputError
 from ..io import atomic_write_text
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; every option's help ends with its default (``(default: X)``),
+    unless the help already says it, the option is a flag, or it is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._CountAction,
+                                   argparse._HelpAction, argparse._VersionAction))
+        if not action.option_strings or flag or action.required or "default" in text or "required" in text:
+            return text
+        if action.default is None:
+            return f"{text} (default: not set)"
+        if action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default=None, help="parameter dtype: float32, bf16, fp16 or auto")
-    parser.add_argument("--device-map", default=None, help="accelerate placement, e.g. auto or cuda:0")
-    parser.add_argument("--attn", dest="attn_implementation", default=None, help="sdpa (default) or eager")
+    parser.add_argument("--dtype", default=None,
+                        help="parameter dtype: float32, bf16, fp16 or auto (default: the checkpoint's)")
+    parser.add_argument("--device-map", default=None,
+                        help="accelerate placement, e.g. auto or cuda:0 (default: everything on the CPU)")
+    parser.add_argument("--attn", dest="attn_implementation", default=None,
+                        help="attention backend: sdpa or eager (default: sdpa)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

@@ -19,17 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "architecture and write an ordinary HF checkpoint directory.",
                             epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", action="append", required=True, metavar="NAME=PATH",
-                        help="a checkpoint and its name in the plan (repeat)")
+                        help="a checkpoint and its name in the plan (repeat; required)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--plan", help="merge plan YAML")
-    which.add_argument("--preset", help="early:mid:late pattern, e.g. IN:RL:RL")
-    parser.add_argument("--host", help="the checkpoint supplying everything the plan does not replace")
-    parser.add_argument("--cuts", help="where mid and late start (0-based decoder layers), e.g. 9,18")
-    parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--max-shard-size", default="2GB")
-    parser.add_argument("--mergekit", metavar="FILE", help="also write the equivalent mergekit YAML here")
-    parser.add_argument("-q", "--quiet", action="store_true")
+    which.add_argument("--plan", help="merge plan YAML (this or --preset is required)")
+    which.add_argument("--preset", help="early:mid:late pattern, e.g. IN:RL:RL (this or --plan is required)")
+    parser.add_argument("--host", default="early",
+                        help="with --preset: the checkpoint that supplies everything outside the decoder layers "
+                        "(vision tower, projector, embeddings, final norm, lm_head); 'early' takes the early "
+                        "third's source, as the published splices do")
+    parser.add_argument("--cuts", help="where mid and late start (0-based decoder layers), e.g. 9,18 "
+                        "(default: the plan's, else N//3,2N//3)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite; required)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard written")
+    parser.add_argument("--mergekit", metavar="FILE", help="also write the equivalent mergekit YAML here "
+                        "(default: not written)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 

@@ -18,13 +18,14 @@ import plotly.graph_objects as go
 
 from ..results import Result
 from ..weights.merge import open_all, splice
-from ..weights.plans import MergePlan, Rule, published_variants
+from ..weights.plans import EARLY_HOST, MergePlan, published_variants
 from .metrics import METRICS, FineGrained
 from .suite import evaluate_fine_grained
 
 
 class TransferTable(Result):
-    """One row per variant x metric: ``variant``, ``metric``, ``value``, ``low``, ``high``, ``n``
+    """One row per variant x metric: ``variant``, ``host`` (the checkpoint that supplied the vision
+    tower, projector, embeddings and head), ``metric``, ``value``, ``low``, ``high``, ``n``
     (percentages for M_vis / M_v2r / M_rea), in the order the variants were given."""
 
     kind = "transfer_table"
@@ -55,6 +56,7 @@ def transfer_table(
     host: str = "IN",
     donor: str = "RL",
     cuts: tuple[int, int] | None = None,
+    merge_host: str | None = EARLY_HOST,
     general: Any = None,
     math: Any = None,
     reasoning: Any = None,
@@ -66,9 +68,14 @@ def transfer_table(
     """Score the host, the donor and every merge variant.
 
     Args:
-        vlm: the host checkpoint loaded with :func:`vlm_probe.load` (merges are spliced into it).
+        vlm: the checkpoint named ``host``, loaded with :func:`vlm_probe.load` (merges are spliced
+            into it, whatever their own host).
         checkpoints: ``{"IN": path, "RL": path, ...}`` safetensors checkpoint directories.
         plans: variants to score (default: the six published early:mid:late thirds).
+        host: the name of the checkpoint ``vlm`` holds; donor: the other one.
+        merge_host: for the default plans, where each variant's vision tower, projector,
+            embeddings and head come from: ``"early"`` (the early third's source, as published)
+            or a checkpoint name (see :func:`~vlm_probe.weights.plans.thirds_plan`).
         general: VQA items for M_vis (see :func:`~vlm_probe.evaluation.suite.evaluate_fine_grained`).
         math: VQA items with descriptions for M_v2r.
         reasoning: text-only items for M_rea.
@@ -76,14 +83,14 @@ def transfer_table(
             with columns ``metric, value, low, high, n`` (any metric).
         out: keep each variant's resumable runs under ``out/<variant>/``.
     """
-    plans = dict(plans) if plans is not None else published_variants(host, donor, cuts=cuts, host=host)
+    plans = dict(plans) if plans is not None else published_variants(host, donor, cuts=cuts, host=merge_host)
     variants: dict[str, MergePlan | None] = {host: None,
-                                             donor: MergePlan(host, (Rule(("all",), donor),), name=donor)}
+                                             donor: MergePlan(donor, (), name=donor)}
     variants.update(plans)
     opened = open_all(checkpoints)
     frames = []
     for name, plan in variants.items():
-        context = splice(vlm.hf, plan, opened) if plan is not None else contextlib.nullcontext()
+        context = splice(vlm.hf, plan, opened, loaded=host) if plan is not None else contextlib.nullcontext()
         with context:
             if evaluate is not None:
                 frame = evaluate(vlm, name).copy()
@@ -94,9 +101,10 @@ def transfer_table(
                 )
                 frame = result.metrics()
             frame["variant"] = name
+            frame["host"] = plan.host if plan is not None else host
             frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
-    columns = ["variant", "metric", "value", "low", "high", "n"]
+    columns = ["variant", "host", "metric", "value", "low", "high", "n"]
     table = table[[c for c in columns if c in table]]
     return TransferTable(table, {"host": host, "donor": donor, "variants": list(variants),
                                  "plans": {k: p.to_dict() for k, p in plans.items()},

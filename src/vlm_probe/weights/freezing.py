@@ -19,29 +19,15 @@ import pandas as pd
 import torch
 
 from ..arch import FamilySpec, Location, Region
+from ..arch.regions import Cuts, locate_parameters, n_decoder_layers, region_of, vision_depths
 from .plans import FreezePlan
-from .regions import Cuts, region_of
 
-
-def vision_depths(model: torch.nn.Module, spec: FamilySpec) -> tuple[int, ...]:
-    """Number of blocks in each of the spec's vision block lists."""
-    depths = []
-    for path in spec.vision_blocks:
-        try:
-            depths.append(len(model.get_submodule(path)))
-        except AttributeError:
-            depths.append(0)
-    return tuple(depths)
-
-
-def locate_parameters(model: torch.nn.Module, spec: FamilySpec) -> dict[str, Location]:
-    """Every parameter of ``model`` (module-path names) on the unified layer index."""
-    depths = vision_depths(model, spec)
-    return {name: spec.locate(name, depths) for name, _ in model.named_parameters()}
+__all__ = ["FreezeSummary", "apply_freeze", "frozen", "frozen_parameter_names", "locate_parameters", "name_patterns",
+           "peft_layers_to_transform", "summarize", "vision_depths"]
 
 
 def _n_layers(model: torch.nn.Module, spec: FamilySpec) -> int:
-    return len(model.get_submodule(spec.decoder_layers))
+    return n_decoder_layers(model, spec)
 
 
 @dataclass

@@ -128,6 +128,7 @@ def splice(
     plan: MergePlan,
     checkpoints: Mapping[str, str | os.PathLike | Checkpoint],
     *,
+    loaded: str | None = None,
     progress: bool = False,
 ) -> Iterator[MergeSummary]:
     """Load the plan's merged tensors into ``model`` for the block; restore the originals on exit.
@@ -135,6 +136,12 @@ def splice(
     Tensors are streamed one at a time; only the replaced parameters' original values are kept
     (on their own device), and they are put back bit for bit on exit, exceptions included. The
     model must have the host checkpoint's architecture (parameter names are module paths).
+
+    Args:
+        loaded: the checkpoint whose weights ``model`` holds now (default: the plan's host).
+            When it is not the host, every tensor no rule touches is read from the host, so
+            ``splice(in_model, thirds_plan("RL:IN:IN"), ..., loaded="IN")`` gives RL's vision
+            tower and head as the plan says; swaps from ``loaded`` itself are skipped.
 
     Example::
 
@@ -154,6 +161,14 @@ def splice(
             if name not in params:
                 raise CheckpointMismatchError(f"The host checkpoint has {name} but the model has no such parameter; "
                                               "the model is not of the host's architecture.")
+        if loaded is not None and loaded not in opened:
+            raise MergePlanError(f"loaded={loaded!r} is not one of the checkpoints ({', '.join(opened)}).")
+        if loaded is not None and loaded != plan.host:  # the host's own tensors must be read too
+            from_host = Rule(("all",), plan.host)
+            decided = [(name, rule or from_host) for name, rule in decided]
+        if loaded is not None:  # a swap from the checkpoint the model holds changes nothing
+            decided = [(name, None if rule is not None and rule.method == "swap" and rule.source == loaded else rule)
+                       for name, rule in decided]
         rule_of = dict(decided)
         for name, group in tied.items():
             rules = {id(rule_of.get(n)) for n in group if n in rule_of}

@@ -1,24 +1,9 @@
 """Declarative model surgery: merge plans (transferability) and freezing plans (necessity).
 
-Both speak one *region language* over the unified layer index:
-
-==============  ==================================================================
-region          tensors
-==============  ==================================================================
-``vision``      vision tower (blocks, patch/position embeddings, final vision norm)
-``projector``   the vision-to-language projector
-``embed``       token embeddings
-``early``       LLM decoder layers before the first cut (``cuts``, default N//3, 2N//3)
-``mid``         decoder layers between the cuts
-``late``        decoder layers from the second cut on
-``llm``         every decoder layer
-``layers:A-B``  decoder layers A..B, 0-based and inclusive (``layers:5`` for one)
-``final_norm``  the LLM's final norm
-``lm_head``     the unembedding
-``head``        ``final_norm`` and ``lm_head``
-``other``       anything else
-``all``         everything
-==============  ==================================================================
+Both speak the region language of :mod:`vlm_probe.arch.regions` over the unified layer index:
+``vision``, ``projector``, ``embed``, ``early``, ``mid``, ``late`` (split by ``cuts``, default
+N//3, 2N//3), ``llm``, ``layers:A-B`` (0-based, inclusive), ``final_norm``, ``lm_head``,
+``head``, ``other``, ``all``.
 
 A :class:`MergePlan` names a host checkpoint and rules (later rules win) that replace the
 host's tensors in some regions: ``swap`` (take the donor's tensors), ``linear`` (``(1 -
@@ -29,72 +14,25 @@ Plans are Python objects and YAML.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import yaml
 
-from ..arch import Location, Region
+from ..arch import Location
+from ..arch.regions import REGION_NAMES, Cuts, check_region, in_region
 from ..errors import MergePlanError
-from .regions import Cuts
 
 Method = Literal["swap", "linear", "task_arithmetic"]
-REGION_NAMES: tuple[str, ...] = ("vision", "projector", "embed", "early", "mid", "late", "llm", "final_norm",
-                                 "lm_head", "head", "other", "all")
-_LAYERS = re.compile(r"^layers:(\d+)(?:-(\d+))?$")
 
 #: The six published block variants (early:mid:late sources).
 PUBLISHED_PATTERNS: tuple[str, ...] = ("IN:RL:RL", "RL:IN:IN", "IN:IN:RL", "RL:RL:IN", "IN:RL:IN", "RL:IN:RL")
+#: ``host=`` value of :func:`thirds_plan` meaning "the early third's source" (the published splice).
+EARLY_HOST = "early"
 
-
-def check_region(region: str, n_layers: int | None = None) -> str:
-    """Validate one region name (raises :class:`MergePlanError` naming the valid ones)."""
-    match = _LAYERS.match(region)
-    if match:
-        start, stop = int(match.group(1)), int(match.group(2) or match.group(1))
-        if stop < start:
-            raise MergePlanError(f"Region {region!r}: the range is empty (write layers:A-B with A <= B).")
-        if n_layers is not None and stop >= n_layers:
-            raise MergePlanError(f"Region {region!r} reaches decoder layer {stop}, but the model has {n_layers} "
-                                 f"(0..{n_layers - 1}).")
-        return region
-    if region not in REGION_NAMES:
-        raise MergePlanError(f"Unknown region {region!r}; use one of {', '.join(REGION_NAMES)} or layers:A-B.")
-    return region
-
-
-def in_region(location: Location, region: str, cuts: Cuts) -> bool:
-    """Whether a located tensor belongs to ``region``."""
-    r = location.region
-    if region == "all":
-        return True
-    if region == "vision":
-        return r in (Region.VISION, Region.VISION_OTHER)
-    if region == "projector":
-        return r is Region.PROJECTOR
-    if region == "embed":
-        return r is Region.EMBED
-    if region == "final_norm":
-        return r is Region.FINAL_NORM
-    if region == "lm_head":
-        return r is Region.LM_HEAD
-    if region == "head":
-        return r in (Region.FINAL_NORM, Region.LM_HEAD)
-    if region == "other":
-        return r is Region.OTHER
-    if r is not Region.LLM or location.layer is None:
-        return False
-    decoder = location.layer - 1
-    if region == "llm":
-        return True
-    if region in ("early", "mid", "late"):
-        return cuts.part(decoder) == region
-    match = _LAYERS.match(region)
-    assert match is not None
-    start, stop = int(match.group(1)), int(match.group(2) or match.group(1))
-    return start <= decoder <= stop
+__all__ = ["EARLY_HOST", "FreezePlan", "MergePlan", "PUBLISHED_PATTERNS", "REGION_NAMES", "Rule", "block_grid",
+           "check_region", "in_region", "interpolation", "published_variants", "thirds_plan"]
 
 
 @dataclass(frozen=True)
@@ -204,37 +142,40 @@ class MergePlan:
 # ----------------------------------------------------------------------------- presets
 
 
-def thirds_plan(pattern: str, *, host: str | None = None, cuts: Sequence[int] | None = None) -> MergePlan:
+def thirds_plan(pattern: str, *, host: str | None = EARLY_HOST, cuts: Sequence[int] | None = None) -> MergePlan:
     """A hard-swap plan from an ``early:mid:late`` pattern such as ``"IN:RL:RL"``.
 
-    The host (default: the first name of the pattern's two, i.e. the model the others are
-    transplanted into) supplies the vision tower, projector, embeddings, final norm and lm_head,
-    as in the published merges.
+    Args:
+        pattern: the source of each decoder third, e.g. ``"RL:IN:IN"``.
+        host: the checkpoint that supplies everything outside the decoder layers (vision tower,
+            projector, embeddings, final norm, lm_head) and the config, processor and tokenizer.
+            ``"early"`` (the default) takes them from the early third's source, as the published
+            splice code does (it loads the early third's model and copies the other thirds' layers
+            into it): ``RL:IN:IN`` keeps RL's vision tower and head. A checkpoint name (``"IN"``)
+            keeps that checkpoint's instead, whatever the pattern. ``None`` means ``"early"``.
+        cuts: where mid and late start (0-based decoder indices; default N//3, 2N//3).
     """
     parts = pattern.split(":")
     if len(parts) != 3 or not all(parts):
         raise MergePlanError(f"A thirds pattern is early:mid:late, e.g. 'IN:RL:RL'; got {pattern!r}.")
-    names = list(dict.fromkeys(parts))
-    host = host or (names[0] if len(names) == 1 else _host_of(parts))
-    rules = tuple(Rule((third,), source) for third, source in zip(("early", "mid", "late"), parts) if source != host)
-    return MergePlan(host=host, rules=rules, cuts=tuple(cuts) if cuts is not None else None, name=pattern)
-
-
-def _host_of(parts: list[str]) -> str:
-    """For two names A and B in a pattern, the host is the one named ``IN`` if present, else the
-    first name appearing in the pattern."""
-    names = list(dict.fromkeys(parts))
-    return "IN" if "IN" in names else names[0]
+    chosen = parts[0] if host in (None, EARLY_HOST) else host
+    rules = tuple(Rule((third,), source) for third, source in zip(("early", "mid", "late"), parts) if source != chosen)
+    return MergePlan(host=chosen, rules=rules, cuts=tuple(cuts) if cuts is not None else None, name=pattern)
 
 
 def published_variants(
-    a: str = "IN", b: str = "RL", *, cuts: Sequence[int] | None = None, host: str | None = None
+    a: str = "IN", b: str = "RL", *, cuts: Sequence[int] | None = None, host: str | None = EARLY_HOST
 ) -> dict[str, MergePlan]:
-    """The six published early:mid:late block variants between ``a`` (IN) and ``b`` (RL)."""
+    """The six published early:mid:late block variants between ``a`` (IN) and ``b`` (RL).
+
+    ``host`` as in :func:`thirds_plan`: by default (``"early"``) each variant's vision tower,
+    projector, embeddings, final norm and lm_head come from its early third's source, which
+    reproduces the published variants; ``host=a`` keeps ``a``'s in all six.
+    """
     plans = {}
     for pattern in PUBLISHED_PATTERNS:
         named = pattern.replace("IN", "\0").replace("RL", b).replace("\0", a)
-        plans[named] = thirds_plan(named, host=host or a, cuts=cuts)
+        plans[named] = thirds_plan(named, host=host, cuts=cuts)
     return plans
 
 

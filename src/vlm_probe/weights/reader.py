@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..arch import FamilySpec, Location, Region, get_spec
+from ..arch.regions import vision_depths_from_names
 from ..errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = [
@@ -481,7 +482,7 @@ def _build(directory: Path, config: dict[str, Any], spec: FamilySpec, stored: li
             f"{directory}: stored tensors {names} all map to {path} (mixed transformers-4 and -5 names in one "
             "checkpoint); keep one copy."
         )
-    depths = _vision_depths(spec, paths.values())
+    depths = vision_depths_from_names(spec, paths.values())
     order = sorted(stored, key=lambda item: (str(item[1]), item[4], item[0]))
     tensors: dict[str, TensorEntry] = {}
     for stored_name, file, dtype, shape, offset in order:
@@ -490,16 +491,3 @@ def _build(directory: Path, config: dict[str, Any], spec: FamilySpec, stored: li
     layers = [e.location.layer for e in tensors.values() if e.location.region is Region.LLM]
     n_layers = max(layers) if layers else 0
     return Checkpoint(directory, config, spec, tensors, fmt, depths, n_layers)
-
-
-def _vision_depths(spec: FamilySpec, names: Any) -> tuple[int, ...]:
-    """Blocks in each of the spec's vision block lists, from the block indices present."""
-    patterns = [re.compile(rf"^{re.escape(prefix)}\.(\d+)\.") for prefix in spec.vision_blocks]
-    depths = [0] * len(patterns)
-    for name in names:
-        for i, pattern in enumerate(patterns):
-            match = pattern.match(name)
-            if match:
-                depths[i] = max(depths[i], int(match.group(1)) + 1)
-                break
-    return tuple(depths)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..commands.common import add_model_options, load_model
+from .common import add_model_options, load_model
 
 EXAMPLE = """\
 example:
@@ -31,17 +31,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id")
     parser.add_argument("--data", required=True, metavar="FILE",
                         help="dataset jsonl (or a swap-pair folder holding <task>/data.jsonl)")
-    parser.add_argument("--out", metavar="DIR", help="run directory: rows are appended as they finish (resumable)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="run directory: rows are appended as they finish (resumable); default: nothing written")
     parser.add_argument("--conditions", nargs="+", metavar="C",
-                        help="image, blank, description, text (VQA/text) or target, source (swap pairs)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--instruction", help="text appended after every question, e.g. 'Answer with a number.'")
+                        help="image, blank, description, text (VQA/text) or target, source (swap pairs); "
+                        "default: every condition the dataset supports")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens generated per answer")
+    parser.add_argument("--system", help="system prompt (default: none)")
+    parser.add_argument("--instruction", help="text appended after every question, e.g. 'Answer with a number.' "
+                        "(default: none)")
     parser.add_argument("--limit", type=int, metavar="N",
-                        help="only the first N items (in all: a swap-pair root's tasks are read in name order)")
+                        help="only the first N items (in all: a swap-pair root's tasks are read in name order); "
+                        "default: every item")
     parser.add_argument("--by", default="condition", help="group accuracies by this column (category, task, ...)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed recorded with the run (greedy decoding)")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out with other settings")
     add_model_options(parser)
     parser.set_defaults(func=run)
@@ -49,9 +53,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .conditions import PromptFormat
-    from .datasets import load_dataset
-    from .runner import evaluate
+    from ..evaluation.conditions import PromptFormat
+    from ..evaluation.datasets import load_dataset
+    from ..evaluation.runner import evaluate
 
     dataset = load_dataset(args.data, limit=args.limit)  # bad data fails before the model loads
     vlm = load_model(args.model, args)

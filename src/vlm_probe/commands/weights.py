@@ -10,8 +10,6 @@ import pandas as pd
 
 from ..errors import InputError
 from ..io import atomic_write_text
-from .compare import compare_weights
-from .spectra import SVDConfig
 
 EXAMPLE = """example:
   vlm-probe weights ckpt/base ckpt/in ckpt/rl --cuts 8,20 --svd randomized --top-k 50 --out runs/weights
@@ -37,13 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
                         help="checkpoint directories in chain order (e.g. BASE IN RL)")
     parser.add_argument("--names", help="comma-separated names (default: Base,IN,RL for three, IN,RL for two)")
-    parser.add_argument("--out", metavar="DIR", help="write weights.parquet, weights.json and weights.html here")
-    parser.add_argument("--cuts", help="0-based decoder indices where the mid and late regions start, e.g. 8,20")
+    parser.add_argument("--out", metavar="DIR", help="write weights.parquet, weights.json and weights.html here "
+                        "(default: print the summary only)")
+    parser.add_argument("--cuts", help="0-based decoder indices where the mid and late regions start, e.g. 8,20 "
+                        "(default: N//3,2N//3)")
     parser.add_argument("--svd", choices=("auto", "exact", "randomized", "none"), default="auto",
                         help="spectra: exact, randomized top-k with an error bound, auto (by size), none (norms only)")
-    parser.add_argument("--top-k", type=int, default=50, help="singular values/vectors kept per delta (default 50)")
+    parser.add_argument("--top-k", type=int, default=50, help="singular values/vectors kept per delta")
     parser.add_argument("--device", default="auto", help="where SVDs run: auto (CUDA when present), cpu, cuda, ...")
-    parser.add_argument("--include", metavar="REGEX", help="only tensors whose module-path name matches")
+    parser.add_argument("--include", metavar="REGEX", help="only tensors whose module-path name matches "
+                        "(default: every tensor)")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle-only checkpoints (trusted only)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -73,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         existing = [name for name in _OUTPUTS if (out / name).exists()]
         if existing:
             raise InputError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them.")
+    from ..weights.compare import compare_weights
+    from ..weights.spectra import SVDConfig
+
     names = _names(args)
     result = compare_weights(
         dict(zip(names, args.checkpoints)), cuts=args.cuts,

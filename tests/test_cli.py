@@ -1,0 +1,71 @@
+"""The command line: every option documented with its default; argparse code only under commands/."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+
+import pytest
+
+import vlm_probe
+from vlm_probe.cli import _parsers, build_parser, main
+
+PACKAGE = Path(vlm_probe.__file__).parent
+#: the testbed registers its own subcommand (vlm_probe.testbed.commands)
+ARGPARSE_ALLOWED = {"cli.py", "testbed/commands.py"}
+
+
+def _options(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._VersionAction,
+                                                             argparse._SubParsersAction)):
+            yield action
+
+
+def test_every_option_has_help_and_says_its_default() -> None:
+    parsers = _parsers(build_parser())
+    assert len(parsers) > 8
+    missing = []
+    for parser in parsers:
+        text = parser.format_help()
+        for action in _options(parser):
+            if not action.help:
+                missing.append(f"{parser.prog} {action.option_strings[0]}: no help")
+                continue
+            flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            rendered = parser._get_formatter()._get_help_string(action) % vars(action) if "%" in (
+                parser._get_formatter()._get_help_string(action)) else parser._get_formatter()._get_help_string(action)
+            if not (flag or action.required or "default" in rendered or "required" in rendered):
+                missing.append(f"{parser.prog} {action.option_strings[0]}: default not shown")
+        assert "(default: %(default)s)" not in text, parser.prog
+    assert not missing, "\n".join(missing)
+
+
+def test_help_of_analyze_shows_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: vlm_probe_out)" in text and "examples:" in text
+
+
+def test_argparse_lives_under_commands_and_nothing_imports_the_cli() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                if name == "argparse" and not relative.startswith("commands/") and relative not in ARGPARSE_ALLOWED:
+                    offenders.append(f"{relative} imports argparse")
+                upward = name.lstrip(".").split(".")[0] in ("commands", "cli") and name.startswith("..") \
+                    or name.startswith(("vlm_probe.commands", "vlm_probe.cli"))
+                if upward and not relative.startswith("commands/") and relative != "cli.py":
+                    offenders.append(f"{relative} imports {name}")
+    assert not offenders, offenders
