@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 import vlm_probe
 from transformers import AutoModelForImageTextToText
 from vlm_probe.errors import CheckpointError, MergePlanError
-from vlm_probe.testbed import commands
+from vlm_probe.commands import testbed as commands
 from vlm_probe.testbed.build import build_rl_variant, build_testbed, cache_root, build_dir
 from vlm_probe.testbed.decoding import complete, completion_logits, decode_responses
 from vlm_probe.testbed.encoding import Encoder
-from vlm_probe.testbed.freezing import REGIONS, frozen, frozen_names, parameter_regions, thirds_cuts
+from vlm_probe.arch.regions import Cuts, locate_parameters, region_of
+from vlm_probe.testbed.freezing import frozen, frozen_names
 from vlm_probe.testbed.recipe import Recipe
 from vlm_probe.testbed.rl import completion_mask, group_advantages, grpo
 from vlm_probe.testbed.tasks import FAMILIES, ItemStream
@@ -165,9 +166,10 @@ def test_regions_follow_the_layer_index(which, request) -> None:
 
     model = AutoModelForImageTextToText.from_pretrained(request.getfixturevalue(which).checkpoint("IN"))
     n = model.config.text_config.num_hidden_layers
-    c1, c2 = thirds_cuts(n)
-    regions = parameter_regions(model)
-    assert set(regions.values()) <= set(REGIONS)
+    cuts = Cuts.make(None, n)
+    c1, c2 = cuts.as_tuple()
+    spec = vlm_probe.arch.get_spec(model.config)
+    regions = {name: region_of(loc, cuts, split_head=True) for name, loc in locate_parameters(model, spec).items()}
     for name, region in regions.items():
         if m := re.match(r"model\.language_model\.layers\.(\d+)\.", name):
             i = int(m.group(1))
@@ -182,13 +184,13 @@ def test_regions_follow_the_layer_index(which, request) -> None:
             assert region == "embed"
         elif name == "model.language_model.norm.weight":
             assert region == "final_norm"
-    assert set(regions.values()) == set(REGIONS) - {"other"}
+    assert set(regions.values()) == {"vision", "projector", "embed", "early", "mid", "late", "final_norm", "lm_head"}
     assert frozen_names(model, lambda name: name.endswith(".bias")) == {k for k in regions if k.endswith(".bias")}
     assert frozen_names(model, None) == frozenset()
     with pytest.raises(MergePlanError, match="Unknown region"):
         frozen_names(model, {"middle"})
     with pytest.raises(MergePlanError, match="do not split"):
-        thirds_cuts(3, (2, 2))
+        frozen_names(model, "late", cuts=(2, 2))
 
 
 def test_frozen_context_restores_requires_grad(in_model) -> None:

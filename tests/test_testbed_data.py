@@ -222,6 +222,19 @@ def test_every_prompt_tokenizes_without_unknown_words(zoo) -> None:
         assert len(tok(answer, add_special_tokens=False)["input_ids"]) == 1, answer
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_longest_response_fits_the_recorded_generation_budget(zoo, dataset, family) -> None:
+    from vlm_probe.testbed.traces import MAX_NEW_TOKENS
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["generation"] == {"max_new_tokens": MAX_NEW_TOKENS}
+    tok = zoo(family).tokenizer
+    rng = np.random.default_rng(4)
+    longest = max(len(tok(tasks.make_item(rng, f).response, add_special_tokens=False)["input_ids"])
+                  for f in tasks.FAMILIES for _ in range(300))
+    assert longest + 1 <= MAX_NEW_TOKENS  # the response and its stop token
+
+
 def test_scene_rules_and_rendering() -> None:
     with pytest.raises(ValueError, match="share a cell"):
         scenes.Scene((scenes.Shape(1, 1, "red", "circle"), scenes.Shape(1, 1, "blue", "square")))

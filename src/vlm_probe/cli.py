@@ -1,8 +1,7 @@
 """The ``vlm-probe`` command: thin front-ends over the library.
 
 Each subcommand lives in a module of :mod:`vlm_probe.commands` (``register(subparsers)`` adds a
-parser whose ``func`` runs it; the testbed's own command is ``vlm_probe.testbed.commands``);
-this file only assembles them. No library module imports the command-line code.
+parser whose ``func`` runs it); this file only assembles them. No library module imports the command-line code.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "commands.probes",
     "commands.surgery",
     "commands.report",
-    "testbed.commands",
+    "commands.testbed",
 )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from ..io import atomic_directory, atomic_write_json
 from .scenes import CELL, GRID, blank_image, render
 from .tasks import Item, SceneOptions, SwapPair, held_out_items, swap_pairs
+from .traces import MAX_NEW_TOKENS
 
 VQA_FILES = {"perception": "perception.jsonl", "v2r": "v2r.jsonl"}
 TEXT_FILE = "text.jsonl"
@@ -99,6 +100,7 @@ def write_into(
     manifest = {
         "seed": seed,
         "prompt_format": PROMPT_FORMAT,
+        "generation": {"max_new_tokens": MAX_NEW_TOKENS},
         "files": {**VQA_FILES, "text": TEXT_FILE, "swap": SWAP_FILE, "blank_image": "images/blank.png"},
         "counts": {**{f: len(rows[f]) for f in VQA_FILES}, "text": len(rows["text"]), "swap": len(swap_rows)},
     }

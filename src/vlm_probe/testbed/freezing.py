@@ -1,24 +1,11 @@
 """Which parameters a training stage may change: regions of the model, named the same for every family.
 
-A freezing spec is a region name, a collection of region names, a
-:class:`vlm_probe.weights.plans.FreezePlan` (the surgery module's plans, including its own
-region syntax such as ``layers:A-B``), or any callable that takes a parameter's module-path
+A freezing spec is a region name or a collection of them (any name of
+:data:`vlm_probe.arch.regions.REGION_NAMES`, or ``layers:A-B``), a
+:class:`vlm_probe.weights.plans.FreezePlan`, or any callable that takes a parameter's module-path
 name (``model.language_model.layers.3.mlp.up_proj.weight``) and returns True to freeze it.
-Regions:
-
-======================  ==================================================================
-``vision``              vision tower (blocks, patch and position embeddings, its norms)
-``projector``           the vision-language projector / merger (unified layer 0)
-``embed``               token embeddings
-``early``/``mid``/``late``  LLM decoder layers ``[0, c1)``, ``[c1, c2)``, ``[c2, N)`` (0-based)
-``final_norm``          the LLM's final norm
-``lm_head``             the output head
-``other``               anything the family spec does not place
-======================  ==================================================================
-
-The cuts ``(c1, c2)`` default to ``(N // 3, 2 * N // 3)`` (9 and 18 for 28 layers, as in the
-published layer merges). Regions come from :meth:`vlm_probe.arch.FamilySpec.locate`, the
-same unified layer index the weight analyses use.
+Regions and the early / mid / late cuts (default ``N // 3`` and ``2 * N // 3``) are defined once,
+in :mod:`vlm_probe.arch.regions`, on the same unified layer index the weight analyses use.
 """
 
 from __future__ import annotations
@@ -29,56 +16,11 @@ from typing import Any, Union
 
 import torch
 
-from ..arch import FamilySpec, Region, get_spec
+from ..arch import FamilySpec, get_spec
+from ..arch.regions import parameters_in
 from ..errors import MergePlanError
 
-REGIONS: tuple[str, ...] = ("vision", "projector", "embed", "early", "mid", "late", "final_norm", "lm_head", "other")
-THIRDS: tuple[str, ...] = ("early", "mid", "late")
-
 FreezeSpec = Union[str, Collection[str], Callable[[str], bool], Any, None]
-
-
-def thirds_cuts(n_layers: int, cuts: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The decoder-layer cuts ``(c1, c2)`` between early, mid and late (0-based, exclusive ends)."""
-    c1, c2 = cuts if cuts is not None else (n_layers // 3, 2 * n_layers // 3)
-    if not 0 < c1 < c2 < n_layers:
-        raise MergePlanError(
-            f"Layer cuts {(c1, c2)} do not split {n_layers} decoder layers into three non-empty blocks; "
-            f"need 0 < c1 < c2 < {n_layers}, e.g. {(max(1, n_layers // 3), max(2, 2 * n_layers // 3))}."
-        )
-    return int(c1), int(c2)
-
-
-def _vision_depths(model: torch.nn.Module, spec: FamilySpec) -> tuple[int, ...]:
-    depths = []
-    for path in spec.vision_blocks:
-        try:
-            depths.append(len(model.get_submodule(path)))  # type: ignore[arg-type]
-        except AttributeError:
-            depths.append(0)
-    return tuple(depths)
-
-
-def parameter_regions(
-    model: torch.nn.Module, spec: FamilySpec | None = None, cuts: tuple[int, int] | None = None
-) -> dict[str, str]:
-    """Region of every named parameter of an HF model (module-path names)."""
-    spec = spec or get_spec(model.config)
-    depths = _vision_depths(model, spec)
-    n_layers = len(model.get_submodule(spec.decoder_layers))  # type: ignore[arg-type]
-    c1, c2 = thirds_cuts(n_layers, cuts)
-    out = {}
-    for name, _ in model.named_parameters():
-        location = spec.locate(name, depths)
-        region = location.region
-        if region in (Region.VISION, Region.VISION_OTHER):
-            out[name] = "vision"
-        elif region == Region.LLM:
-            index = int(location.layer) - 1  # unified index -> 0-based decoder index
-            out[name] = "early" if index < c1 else "mid" if index < c2 else "late"
-        else:
-            out[name] = region.value if region.value in REGIONS else "other"
-    return out
 
 
 def frozen_names(
@@ -91,7 +33,7 @@ def frozen_names(
 
     Args:
         model: the HF model.
-        freeze: a region, a collection of regions (see :data:`REGIONS`), a callable on
+        freeze: a region, a collection of regions (raises ``RegionError`` naming the valid ones), a callable on
             parameter names, or None (nothing frozen).
         cuts: decoder-layer cuts between early, mid and late (default: thirds).
     """
@@ -104,15 +46,7 @@ def frozen_names(
         return frozenset(frozen_parameter_names(model, freeze, spec or get_spec(model.config)))  # type: ignore[arg-type]
     if callable(freeze):
         return frozenset(name for name in names if freeze(name))
-    wanted = {freeze} if isinstance(freeze, str) else set(freeze)
-    unknown = wanted - set(REGIONS)
-    if unknown:
-        raise MergePlanError(
-            f"Unknown region(s) {sorted(unknown)} in the freezing spec; use any of {', '.join(REGIONS)}, "
-            "or pass a function of the parameter name."
-        )
-    regions = parameter_regions(model, spec, cuts)
-    return frozenset(name for name in names if regions[name] in wanted)
+    return parameters_in(model, freeze, spec or get_spec(model.config), cuts)
 
 
 @contextmanager

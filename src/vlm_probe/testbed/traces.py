@@ -30,6 +30,10 @@ Operator = Literal["plus", "minus", "more"]
 Operand = Union[int, str]
 ErrorKind = Literal["read", "step"]
 
+#: Enough new tokens for the longest trace (two reads, a step, the answer) and its stop token;
+#: the testbed's data manifest records it as the generation budget.
+MAX_NEW_TOKENS = 24
+
 
 @dataclass(frozen=True)
 class Count:

@@ -23,6 +23,7 @@ from ..evaluation.grading import grade
 from .decoding import complete, decode_responses
 from .encoding import Encoded, Encoder
 from .tasks import Item
+from .traces import MAX_NEW_TOKENS
 
 #: One supervised example: an item and the response to teach (its correct response, or a demonstration).
 Example = tuple[Item, str]
@@ -115,10 +116,6 @@ class Scored:
         for item, ok in zip(self.items, self.correct):
             out.setdefault(getattr(item, by), []).append(ok)
         return {k: float(np.mean(v)) for k, v in out.items()}
-
-
-#: Enough new tokens for the longest trace (two reads, a step, the answer) and its stop token.
-MAX_NEW_TOKENS = 24
 
 
 @torch.no_grad()

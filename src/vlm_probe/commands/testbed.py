@@ -72,8 +72,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from .build import THIRD_VARIANTS, build_testbed
-    from .recipe import Recipe
+    from ..testbed.build import THIRD_VARIANTS, build_testbed
+    from ..testbed.recipe import Recipe
 
     recipe = (Recipe.reduced_size() if args.reduced else Recipe()).replace(seed=args.seed, family=args.family)
     testbed = build_testbed(recipe, force=args.force, quiet=args.quiet, cache_dir=args.cache_dir,
@@ -87,8 +87,8 @@ def run_report(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from ..threads import torch_threads
-    from .recipe import Recipe
-    from .rl_effect import rl_effect
+    from ..testbed.recipe import Recipe
+    from ..testbed.rl_effect import rl_effect
 
     recipe = (Recipe.reduced_size() if args.reduced else Recipe()).replace(family=args.family)
     with torch_threads(args.threads):
