@@ -160,13 +160,15 @@ def grpo(
     frozen_params: Collection[str] = (),
     clip: float = 1.0,
     warmup: int = 10,
+    lr_floor: float = 0.1,
     desc: str = "rl",
     quiet: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``policy`` in place; returns one log row per step.
 
-    The learning rate warms up over ``warmup`` steps and then decays along a cosine to a tenth
-    of ``lr`` (late steps move the policy less, so the end of the run is stable).
+    The learning rate warms up over ``warmup`` steps and then decays along a cosine to
+    ``lr_floor * lr`` (late steps move the policy less, so the end of the run is stable;
+    ``warmup=0, lr_floor=1.0`` is a constant rate).
 
     Log columns: ``reward`` (mean, format bonus included), ``correct`` (mean), ``correct/<family>``,
     ``kl`` (per token, when a reference is given), ``pg`` (the policy-gradient loss) and
@@ -182,7 +184,7 @@ def grpo(
     log: list[dict[str, float]] = []
     with frozen(policy, frozen_params) as params:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, lr_floor))
         bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
         for _ in bar:
             items = [next(stream) for _ in range(prompts)]
