@@ -172,7 +172,8 @@ def grpo(
 
     Log columns: ``reward`` (mean, format bonus included), ``correct`` (mean), ``correct/<family>``,
     ``kl`` (per token, when a reference is given), ``pg`` (the policy-gradient loss) and
-    ``informative`` (share of groups whose rewards differ, the only ones that teach anything).
+    ``informative`` (share of groups whose rewards differ, the only ones that teach anything) and
+    ``lr`` (the rate of that step's update).
     """
     if kl > 0 and reference is None:
         raise ValueError("kl > 0 needs the reference model (IN).")
@@ -191,6 +192,7 @@ def grpo(
             row = policy_gradient(policy, reference, encoder, items, group=group, kl=kl, temperature=temperature,
                                   max_new_tokens=max_new_tokens, format_reward=format_reward, generator=generator).log
             torch.nn.utils.clip_grad_norm_(params, clip)
+            row["lr"] = optimizer.param_groups[0]["lr"]
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
