@@ -427,3 +427,114 @@ def test_device_map_with_cpu_and_disk_offload(tmp_path) -> None:
     assert want["estimate"].abs().max() > 1e-5
     assert all(p.grad is None for p in split.hf.parameters())
 
+
+
+# ----------------------------------------------------------------------------- every family
+
+
+def _module_outputs(vlm, keys):
+    """``{(site, layer): (module, pick)}`` for decoder sites, from the wrapper's module tree."""
+    out = {}
+    for site, layer in keys:
+        envoy = {"layer_out": vlm.layers[layer].envoy, "attn_out": vlm.layers[layer].attn, "mlp_out": vlm.layers[layer].mlp,
+                 "q": vlm.layers[layer].q, "k": vlm.layers[layer].k}[site]
+        out[(site, layer)] = (envoy._module, (lambda o: o[0]) if site == "attn_out" else (lambda o: o))
+    return out
+
+
+def _family_run(vlm, batch, modules, *, grad, patch=None, weights_of=None):
+    """A plain HF forward (no nnsight) storing the chosen modules' outputs. With ``grad``: the
+    token embeddings are a leaf (parameters frozen) and the stored outputs keep their gradient
+    after ``logit_diff`` is differentiated. ``patch=(module, value, mask)`` replaces that
+    module's output at ``mask``; ``weights_of``: an eager attention module whose weights are stored."""
+    stored, handles = {}, []
+
+    def keep(key, pick):
+        def hook(module, args, output):
+            value = pick(output)
+            if grad and value.requires_grad:
+                value.retain_grad()
+            stored[key] = value
+        return hook
+
+    if grad:
+        handles.append(vlm.embed._module.register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True)))
+    for key, (module, pick) in modules.items():
+        handles.append(module.register_forward_hook(keep(key, pick)))
+    if weights_of is not None:
+        handles.append(weights_of.register_forward_hook(keep("A", lambda o: o[1])))
+    if patch is not None:
+        module, value, mask = patch
+        handles.append(module.register_forward_hook(lambda m, a, o: torch.where(mask[..., None], value, o)))
+    flags = [p.requires_grad for p in vlm.hf.parameters()]
+    try:
+        for p in vlm.hf.parameters():
+            p.requires_grad_(False)
+        with torch.set_grad_enabled(grad):
+            logits = vlm.hf(**batch.inputs).logits
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(vlm.hf.parameters(), flags):
+            p.requires_grad_(f)
+    return stored, logits
+
+
+def test_attribution_equals_hand_computations_on_every_family(family, zoo) -> None:
+    """On every zoo family, with plain HF forwards and hooks as the oracle: (1) plain AtP of the
+    residual, attention, MLP and query sites of every layer equals (source - receiver) x the
+    gradient, per position group; (2) the AtP* key and query estimates of every self-attention
+    layer equal sum (A_patched - A) dL/dA with A the eager model's attention weights (Gemma3:
+    sliding-window and full layers, sequence longer than the window; PaliGemma: bidirectional
+    prefix; Mllama: its self-attention layers, cross-attention layers plain AtP only)."""
+    tiny = zoo(family)
+    vlm = vlm_probe.load(tiny)
+    batch = vlm.prepare(["how many red circles are there in the picture ?"] * 4, [[tiny.image(i)] for i in range(4)])
+    clean, corrupt = batch[:2], batch[2:]
+    metric = M.LogitDiff(torch.tensor([5, 6]), torch.tensor([7, 8]))
+    groups = ["question", "last", "all"] + (["vision"] if vlm.image_in_residual else [])
+    masks = {g: corrupt.layout.mask(g) if g != "all" else corrupt.inputs["attention_mask"].bool() for g in groups}
+    readable = [i for i in range(vlm.n_layers) if vlm.attention_readable(i)]
+    assert readable and (family != "mllama" or len(readable) < vlm.n_layers)
+
+    # (1) plain AtP against gradient x difference
+    linear = ["layer_out", "attn_out", "mlp_out", "q"]
+    keys = [(s, i) for s in linear for i in range(vlm.n_layers)] + [("k", i) for i in readable]
+    modules = _module_outputs(vlm, keys)
+    src, _ = _family_run(vlm, clean, modules, grad=False)
+    base, logits = _family_run(vlm, corrupt, modules, grad=True)
+    _logit_diff(logits, corrupt, metric).sum().backward()
+    frame = pd.concat([attribution_sweep(vlm, clean, corrupt, site=linear, positions=groups, metric=metric,
+                                         corrections=(), progress=False).frame,
+                       attribution_sweep(vlm, clean, corrupt, site="k", layers=readable, positions=groups,
+                                         metric=metric, corrections=(), progress=False).frame])
+    for (site, layer) in keys:
+        product = ((src[(site, layer)] - base[(site, layer)].detach()) * base[(site, layer)].grad).sum(-1)
+        for group, mask in masks.items():
+            torch.testing.assert_close(_cell(frame, site, layer, group), (product * mask).sum(1).double(),
+                                       atol=1e-6, rtol=1e-4, msg=f"{family} {site} {layer} {group}")
+    assert frame["estimate"].abs().max() > 1e-3
+
+    # (2) AtP* for query and key sites against eager attention weights
+    eager = vlm_probe.load(tiny_vlm(family), attn_implementation="eager")
+    if family == "gemma3":
+        assert corrupt.width > eager.hf.config.text_config.sliding_window
+    fixed = attribution_sweep(vlm, clean, corrupt, site=["q", "k"], layers=readable, positions=groups, metric=metric,
+                              progress=False).frame
+    assert set(fixed["method"]) == {"atp_qk"}
+    checked = 0
+    for layer in readable:
+        attn = eager.layers[layer].attn._module
+        weights_store, logits = _family_run(eager, corrupt, {}, grad=True, weights_of=attn)
+        _logit_diff(logits, corrupt, metric).sum().backward()
+        a = weights_store["A"]
+        for site in ("q", "k"):
+            proj = getattr(eager.layers[layer], site)._module
+            source = _family_run(eager, clean, {("p", 0): (proj, lambda o: o)}, grad=False)[0][("p", 0)]
+            for group, mask in masks.items():
+                patched = _family_run(eager, corrupt, {}, grad=False, weights_of=attn, patch=(proj, source, mask))[0]
+                want = ((patched["A"] - a.detach()) * a.grad).sum((1, 2, 3)).double()
+                torch.testing.assert_close(_cell(fixed, site, layer, group), want, atol=1e-6, rtol=1e-4,
+                                           msg=f"{family} {site} {layer} {group}")
+                checked += int(want.abs().max() > 1e-6)
+    assert checked > 0
