@@ -143,14 +143,16 @@ def _patching_frame(
     options: RunOptions,
     desc: str,
     extra: dict[str, Any],
+    cells: Sequence[Cell] | None = None,
 ) -> pd.DataFrame:
     """Run ``donor`` on ``source_batch`` once, then patch its activations into ``receiver``'s run
-    of ``base_batch`` cell by cell; this process's share of the samples, gathered."""
+    of ``base_batch`` cell by cell (``cells``: these instead of every site x layer x positions
+    cell); this process's share of the samples, gathered."""
     mine = shard_indices(len(base_batch), options.backend)
     rows: list[dict[str, Any]] = []
     if mine:
         source_part, base_part = source_batch[mine], base_batch[mine]
-        cells = _cells(receiver, base_part, sites, layers, positions)
+        cells = list(cells) if cells is not None else _cells(receiver, base_part, sites, layers, positions)
         variants = [Variant((cell.intervention("source"),)) for cell in cells]
         out = run(receiver, base_part, variants, Logits(metric.position), sources={"source": Source(donor, source_part)},
                   options=options, desc=desc)
