@@ -64,3 +64,11 @@ class RegionError(MergePlanError, InputError):
 
 class GradingError(VLMProbeError, ValueError):
     """A gold answer (or grading option) that cannot be graded as asked."""
+
+
+class GroupNameError(InputError, AttributeError):
+    """A token-group name (``layout.visoin``) the layout does not have; the message lists those it has."""
+
+
+class RowIndexError(InputError, IndexError):
+    """A batch row outside the batch; the message says how many rows there are."""

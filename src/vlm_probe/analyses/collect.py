@@ -94,6 +94,10 @@ class Activations:
         """Open a disk cache written by :func:`collect`: lazily (entries read from the shards
         on access) or, with ``lazy=False``, every shard into memory."""
         directory = Path(directory)
+        if not (directory / INDEX).is_file():
+            what = "does not exist" if not directory.exists() else f"has no {INDEX}"
+            raise InputError(f"{directory} {what}, so it is not an activation cache; pass the cache_dir that "
+                             "collect() wrote.")
         index = _read_index(directory)
         acts = cls()
         for shard in sorted(index["shards"], key=lambda s: (s["checkpoint"], s["batch"])):  # rows in sample order

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..arch import FamilySpec
 from ..errors import InputError
-from .layout import BatchLayout, TokenLayout
+from .layout import BatchLayout, TokenLayout, check_row
 from .vision_cells import vision_cells
 
 #: Text fields padded along the sequence dimension, with their padding value (None: pad id).
@@ -174,12 +174,13 @@ class Batch:
         return [r.answer for r in self.rows]
 
     def __getitem__(self, index: int | slice | Sequence[int]) -> Batch:
+        n = len(self.rows)
         if isinstance(index, int):
-            picked = [self.rows[index]]
+            picked = [self.rows[check_row(index, n)]]
         elif isinstance(index, slice):
             picked = list(self.rows[index])
         else:
-            picked = [self.rows[i] for i in index]
+            picked = [self.rows[check_row(i, n)] for i in index]
         return Batch(picked, self.collator)
 
     def __add__(self, other: Batch) -> Batch:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointMismatchError, MergePlanError
 from ..io import atomic_directory, atomic_file, atomic_write_json, atomic_write_text
+from .compare import NonFiniteWeightsWarning
 from .plans import MergePlan, Rule
 from .reader import Checkpoint, open_checkpoint
 from .regions import Cuts
@@ -261,6 +263,7 @@ def write_merge(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
         changed: dict[str, str] = {}
+        nonfinite: list[str] = []
         bar = tqdm(total=len(decided), desc=f"writing {plan.name or 'merge'}", disable=not progress, unit="tensor")
         for file, shard in zip(names, shards):
             by_stored = {host.tensors[name].stored_name: (name, rule) for name, rule in shard}
@@ -275,6 +278,9 @@ def write_merge(
                         value = host.tensor(name)
                     else:
                         changed[name] = rule.method  # type: ignore[union-attr]
+                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        nonfinite.append(f"{name} has {int(torch.isnan(value).sum())} NaN and "
+                                         f"{int(torch.isinf(value).sum())} Inf")
                     writer.write(stored, value)
                     weight_map[stored] = file
                     bar.update(1)
@@ -294,6 +300,11 @@ def write_merge(
             "vlm_probe": _version(),
         })
         _verify_written(tmp, host)
+    if nonfinite:
+        warnings.warn(
+            f"The merge in {out} holds NaN or Inf in {len(nonfinite)} tensor(s) (from its inputs): "
+            f"{'; '.join(nonfinite[:3])}. A model loaded from it gives NaN outputs; check the inputs with "
+            "vlm-probe weights.", NonFiniteWeightsWarning, stacklevel=2)
     return out
 
 
