@@ -38,6 +38,14 @@ class CheckpointMismatchError(CheckpointError):
     """Checkpoints that were expected to share one architecture but do not."""
 
 
+class MissingShardError(CheckpointError):
+    """A sharded checkpoint whose index (or numbering) names shard files that are not there."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file (or config) whose header or index does not describe its contents."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A pickle-only checkpoint, refused unless the caller opts in."""
 

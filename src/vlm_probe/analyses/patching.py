@@ -265,9 +265,6 @@ def cross_patch(
     from ..model.checkpoint_set import check_same_architecture
 
     options = RunOptions.resolve(options, legacy, "cross_patch")
-    if receiver is donor:
-        raise InputError("cross_patch: receiver and donor are the same model, so there is no difference to restore; "
-                         "pass two different checkpoints.")
     check_same_architecture({names[0]: receiver, names[1]: donor})
     metric = metric or M.restored()
     frame = _patching_frame(receiver, donor, batch, batch, _as_list(site), layers, positions, metric, options,

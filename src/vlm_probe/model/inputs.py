@@ -220,6 +220,26 @@ def _is_messages(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
 
 
+def min_image_side(processor: Any) -> int:
+    """The smallest image side the processor can cut into patches: its ``patch_size`` when it
+    declares one, else 1 pixel (processors that resize every image)."""
+    patch = getattr(getattr(processor, "image_processor", None), "patch_size", None)
+    if isinstance(patch, dict):
+        patch = max(int(v) for v in patch.values() if v) if any(patch.values()) else None
+    return int(patch) if isinstance(patch, int) and patch > 0 else 1
+
+
+def check_image_size(image: Image.Image, processor: Any) -> None:
+    """Refuse an image with a side below :func:`min_image_side` (a 0x0 image crashes most
+    processors and gives Gemma3 a meaningless input)."""
+    side = min_image_side(processor)
+    if min(image.size) < side:
+        raise InputError(
+            f"An image of {image.size[0]}x{image.size[1]} pixels is too small: this processor needs at least "
+            f"{side}x{side} (one patch). Check how the image was loaded or cropped."
+        )
+
+
 def _as_image_list(images: Any) -> list[Image.Image]:
     if images is None:
         return []

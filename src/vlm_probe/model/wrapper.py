@@ -23,7 +23,7 @@ from PIL import Image
 from ..arch import FamilySpec, get_spec
 from ..errors import CheckpointError, InputError, NoOpInterventionError, SpecMismatchError
 from .capabilities import Capabilities
-from .inputs import Batch, Collator, ForwardInputs, Template, encode_row, render_prompt
+from .inputs import Batch, Collator, ForwardInputs, Template, check_image_size, encode_row, render_prompt
 from .sites import DecoderLayer, SiteList, VisionSites, cross_attention_layers, resolve
 
 PromptLike = str | list[dict[str, Any]]
@@ -203,6 +203,8 @@ class VLM(Capabilities, TransformersModel):
             for img in imgs:
                 if not isinstance(img, Image.Image):
                     raise InputError(f"Images must be PIL images; got {type(img).__name__}.")
+            for img in imgs:
+                check_image_size(img, self.processor)
             imgs = [img.convert("RGB") if img.mode != "RGB" else img for img in imgs]
             rendered = render_prompt(
                 self.processor, self.spec, prompt, len(imgs), system=system, answer=answer, template=template
