@@ -157,8 +157,14 @@ def logit_lens(
     """
     named = _named(models)
     rows: list[dict[str, Any]] = []
-    target_ids = torch.as_tensor(targets).long() if targets is not None else None
+    target_ids = torch.as_tensor(targets).long().flatten() if targets is not None else None
+    if target_ids is not None and target_ids.numel() != len(batch):
+        raise InputError(f"Got {target_ids.numel()} targets for {len(batch)} samples; targets= takes one token id "
+                         "per sample, in order.")
     for name, vlm in named.items():
+        vocab = vlm.hf.get_output_embeddings().weight.shape[0]
+        if target_ids is not None and not bool(((target_ids >= 0) & (target_ids < vocab)).all()):
+            raise InputError(f"targets= holds token ids outside the vocabulary (0..{vocab - 1}): {target_ids.tolist()[:8]}.")
         chosen = list(range(vlm.n_layers)) if layers is None else list(layers)
         needed = sorted(set(chosen) | {vlm.n_layers - 1})
         acts = collect({name: vlm}, batch, sites=("layer_out",), layers=needed, groups=(positions,), progress=False)

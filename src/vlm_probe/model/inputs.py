@@ -410,11 +410,18 @@ def encode_row(
         kwargs["images"] = [images]
         kwargs["return_text_replacement_offsets"] = True
     try:
-        encoding = dict(processor(text=[rendered.text], **kwargs))
-    except TypeError:  # processors without offset support
-        kwargs.pop("return_text_replacement_offsets", None)
-        kwargs.pop("return_offsets_mapping", None)
-        encoding = dict(processor(text=[rendered.text], **kwargs))
+        try:
+            encoding = dict(processor(text=[rendered.text], **kwargs))
+        except TypeError:  # processors without offset support
+            kwargs.pop("return_text_replacement_offsets", None)
+            kwargs.pop("return_offsets_mapping", None)
+            encoding = dict(processor(text=[rendered.text], **kwargs))
+    except ValueError as error:
+        if images or "image" not in str(error).lower():
+            raise
+        raise InputError(f"{spec.display_name} cannot take a prompt without an image (its processor says: "
+                         f"{' '.join(str(error).split())}). Pass an image with every prompt (a blank image for a "
+                         "text-only control).") from error
     offsets = encoding.get("offset_mapping")
     replacements = encoding.get("text_replacement_offsets") or [[]]
     replacements = replacements[0] if replacements and isinstance(replacements[0], list) else replacements
