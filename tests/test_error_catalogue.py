@@ -29,11 +29,13 @@ from safetensors.torch import load_file, save_file
 import vlm_probe
 from vlm_probe import errors as E
 from vlm_probe.analyses import metrics as M
+from vlm_probe.analyses.ablation import knockout_sweep
 from vlm_probe.analyses.collect import Activations, collect
 from vlm_probe.analyses.lens import logit_lens
 from vlm_probe.analyses.patching import cross_checkpoint_sweep, sweep
 from vlm_probe.analyses.probes import probe_layers
 from vlm_probe.cli import main
+from vlm_probe.evaluation import evaluate
 from vlm_probe.commands.common import parse_layers
 from vlm_probe.interventions import knockout
 from vlm_probe.results import Result
@@ -197,10 +199,15 @@ SILENT = {
     "text-only-vision-sweep": (None, lambda env: sweep(env.vlm, clean=_text_only(env), corrupt=_text_only(env),
                                                        positions="vision", layers=[0], progress=False),
                                E.InputError, ("'vision' is empty in every sample", "text-only", "question")),
-    "text-only-vision-knockout": (None, lambda env: vlm_probe.analyses.ablation.knockout_sweep(
+    "text-only-vision-knockout": (None, lambda env: knockout_sweep(
         env.vlm, _text_only(env), layers=[0], progress=False), E.InputError, ("'vision' is empty", "knockout")),
     "knockout-mask-wrong-shape": (None, lambda env: _knock(env, torch.ones(1, 5, dtype=torch.bool)), E.InputError,
                                   ("[batch, total]", "(1, 5)")),
+    "knockout-mask-no-batch": (None, lambda env: _knock(env, torch.ones(1, 5, dtype=torch.bool), with_batch=False),
+                               E.InputError, ("[batch, >= ", "(1, 5)")),
+    "knockout-sweep-short-mask": (None, lambda env: knockout_sweep(
+        env.vlm, env.vlm.prepare("how many ?", [IMG], answers=["3"]), queries=torch.ones(1, 5, dtype=torch.bool),
+        layers=[0], progress=False), E.InputError, ("knockout_sweep queries", "(1, 5)")),
     "result-save-over-file": (_save_over_file, lambda env: Result(__import__("pandas").DataFrame({"a": [1]})).save(
         env.tmp / "result"), E.InputError, ("existing file", "not a directory")),
     "lens-overlay-without-vision": (_lens_last, lambda env: env.state["lens"][0].overlay(env.state["lens"][1], layer=0),
@@ -223,10 +230,10 @@ SILENT = {
 }
 
 
-def _knock(env: Env, mask: torch.Tensor) -> None:
+def _knock(env: Env, mask: torch.Tensor, with_batch: bool = True) -> None:
     batch = env.vlm.prepare("how many ?", [IMG])
     with env.vlm.trace(batch):
-        knockout(env.vlm, 0, mask, mask, batch=batch)
+        knockout(env.vlm, 0, mask, mask, batch=batch if with_batch else None)
 
 
 @pytest.mark.parametrize("case", list(SILENT), ids=list(SILENT))
@@ -394,6 +401,8 @@ COMMAND_LINE = {
                                    ("corrupt/model.safetensors",)),
     "weights-top-k-zero": (None, _cli("weights", "a", "b", "--top-k", "0"), 2, ("--top-k", "at least 1")),
     "analyze-samples-zero": (None, _cli("analyze", "--samples", "0"), 2, ("--samples", "at least 1")),
+    "eval-api-batch-size-zero": (_with_data(), lambda env: evaluate(
+        env.vlm, env.tmp / "text.jsonl", out=env.tmp / "run", batch_size=0), E.InputError, ("batch_size", "at least 1")),
     "report-not-a-run": (None, _cli("report", lambda env: str(env.tmp)), 2, ("no run.json", "vlm-probe analyze")),
     "unknown-subcommand-option": (None, _cli("eval", "x", "--data", "y", "--bach-size", "2"), 2,
                                   ("unrecognized arguments", "--help")),
