@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import vlm_probe
+import vlm_probe.model.checkpoint_set
 from vlm_probe import errors as E
 from vlm_probe.analyses import metrics as M
 from vlm_probe.analyses.ablation import knockout_sweep
@@ -304,6 +305,12 @@ CRASHES = {
     "cross-sweep-unknown-name": (None, lambda env: cross_checkpoint_sweep(
         {"IN": env.vlm, "RL": env.vlm}, env.vlm.prepare("x", [IMG]), a="IN", b="Rl"), E.InputError,
         ("'Rl'", "IN, RL")),
+    "checkpoint-set-typo": (None, lambda env: vlm_probe.model.checkpoint_set.CheckpointSet({"IN": env.vlm})["Rl"],
+                            E.UnknownKeyError, ("'Rl'", "it has IN")),
+    "activations-key-typo": (None, lambda env: _acts(env)[("model", "layer_out", 0, "lats")], E.UnknownKeyError,
+                             ("lats", "collected")),
+    "testbed-family-typo": (None, lambda env: __import__("vlm_probe.testbed.recipe", fromlist=["Recipe"]).Recipe(
+        family="lava"), E.InputError, ("'lava'", "llava")),
     "plan-not-yaml": (None, lambda env: MergePlan.from_yaml("host: [IN\n"), E.MergePlanError, ("not valid YAML",)),
     "plan-not-a-mapping": (None, lambda env: MergePlan.from_yaml("- IN\n- RL\n"), E.MergePlanError,
                            ("Not a merge plan",)),
@@ -403,6 +410,10 @@ COMMAND_LINE = {
     "analyze-samples-zero": (None, _cli("analyze", "--samples", "0"), 2, ("--samples", "at least 1")),
     "eval-api-batch-size-zero": (_with_data(), lambda env: evaluate(
         env.vlm, env.tmp / "text.jsonl", out=env.tmp / "run", batch_size=0), E.InputError, ("batch_size", "at least 1")),
+    "eval-by-typo": (_with_data(), _eval(lambda env: str(env.ckpt), "--by", "colour"), 2,
+                     ("--by", "'colour'", "category")),
+    "testbed-family-typo": (None, _cli("testbed", "build", "--family", "lava", "--reduced", "--cache-dir",
+                                       lambda env: str(env.tmp / "cache")), 2, ("'lava'", "llava")),
     "report-not-a-run": (None, _cli("report", lambda env: str(env.tmp)), 2, ("no run.json", "vlm-probe analyze")),
     "unknown-subcommand-option": (None, _cli("eval", "x", "--data", "y", "--bach-size", "2"), 2,
                                   ("unrecognized arguments", "--help")),

@@ -78,5 +78,13 @@ class GroupNameError(InputError, AttributeError):
     """A token-group name (``layout.visoin``) the layout does not have; the message lists those it has."""
 
 
+class UnknownKeyError(InputError, KeyError):
+    """A name looked up in a mapping (a checkpoint set, collected activations) that it does not hold;
+    the message lists what it holds."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class RowIndexError(InputError, IndexError):
     """A batch row outside the batch; the message says how many rows there are."""

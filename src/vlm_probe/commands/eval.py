@@ -44,7 +44,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="only the first N items (in all: a swap-pair root's tasks are read in name order); "
                         "default: every item")
-    parser.add_argument("--by", default="condition", help="group accuracies by this column (category, task, ...)")
+    parser.add_argument("--by", default="condition", choices=("condition", "category", "task"),
+                        help="group accuracies by this column")
     parser.add_argument("--seed", type=int, default=0, help="seed recorded with the run (greedy decoding)")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out with other settings")
     add_model_options(parser)

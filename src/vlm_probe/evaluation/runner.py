@@ -299,6 +299,10 @@ class EvalRun(Result):
         Failed items are left out of ``n`` and counted in ``failed``.
         """
         keys = [by] if isinstance(by, str) else list(by)
+        unknown = [k for k in keys if k not in self.frame]
+        if unknown:
+            raise InputError(f"Cannot group by {unknown}: the rows have columns {', '.join(self.frame.columns)} "
+                             "(--by category, task or condition).")
         if "condition" not in keys:
             keys = ["condition", *keys]
         out = []

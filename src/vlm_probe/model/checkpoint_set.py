@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..errors import CheckpointMismatchError, InputError
+from ..errors import CheckpointMismatchError, InputError, UnknownKeyError
 from .inputs import Batch
 from .loading import check_load_options, load
 from .wrapper import VLM
@@ -76,7 +76,7 @@ class CheckpointSet(Mapping[str, VLM]):
         try:
             return self._models[name]
         except KeyError:
-            raise KeyError(f"No checkpoint {name!r} in this set; it has {', '.join(self._models)}.") from None
+            raise UnknownKeyError(f"No checkpoint {name!r} in this set; it has {', '.join(self._models)}.") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._models)
