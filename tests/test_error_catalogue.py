@@ -407,6 +407,7 @@ COMMAND_LINE = {
                                                              lambda env: str(env.tmp / "corrupt"), "--quiet"), 2,
                                    ("corrupt/model.safetensors",)),
     "weights-top-k-zero": (None, _cli("weights", "a", "b", "--top-k", "0"), 2, ("--top-k", "at least 1")),
+    "threads-zero": (None, _cli("weights", "a", "b", "--threads", "0"), 2, ("threads must be at least 1",)),
     "analyze-samples-zero": (None, _cli("analyze", "--samples", "0"), 2, ("--samples", "at least 1")),
     "eval-api-batch-size-zero": (_with_data(), lambda env: evaluate(
         env.vlm, env.tmp / "text.jsonl", out=env.tmp / "run", batch_size=0), E.InputError, ("batch_size", "at least 1")),

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .commands.common import HelpFormatter, positive_int
+from .commands.common import HelpFormatter
 from .errors import VLMProbeError
 from .threads import torch_threads
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     for each in _parsers(parser):  # every option's help shows its default
         each.formatter_class = HelpFormatter
         if each.get_default("func") and "--threads" not in each._option_string_actions:
-            each.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+            each.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
         if each is not parser:  # --debug also after the subcommand; SUPPRESS keeps a top-level --debug
             each.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                               help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
