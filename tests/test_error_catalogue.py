@@ -400,7 +400,7 @@ COMMAND_LINE = {
                                              "--mergekit", lambda env: str(env.tmp / "mk.yml")), 2,
                                 ("final norm and lm_head",)),
     "merge-cuts-typo": (None, _merge("--preset", "IN:RL:RL", "--cuts", "2;4", "--out", lambda env: str(env.tmp / "m")),
-                        2, ("--cuts", "9,18")),
+                        2, ("--cuts", "two integers", "9,18")),
     "merge-shard-size-typo": (None, _merge("--preset", "IN:RL:RL", "--max-shard-size", "big",
                                            "--out", lambda env: str(env.tmp / "m")), 2, ("--max-shard-size", "2GB")),
     "weights-corrupt-checkpoint": (_damaged("corrupt"), _cli("weights", lambda env: str(env.ckpt),

@@ -118,9 +118,9 @@ def parse_cuts(text: str | None, flag: str = "--cuts") -> tuple[int, ...] | None
     """``"9,18"`` -> ``(9, 18)``: two increasing 0-based decoder indices."""
     if text is None:
         return None
-    parts = [p.strip() for p in text.split(",")]
+    parts = [p.strip() for p in text.replace("/", ",").split(",") if p.strip()]
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise InputError(f"{flag} {text!r}: give two non-negative layer indices, e.g. {flag} 9,18.")
+        raise InputError(f"{flag} {text!r}: cuts must be two integers like 9,18 (0-based decoder layers).")
     cuts = (int(parts[0]), int(parts[1]))
     if not 0 < cuts[0] < cuts[1]:
         raise InputError(f"{flag} {text!r}: the mid third must start after layer 0 and before the late one, e.g. 9,18.")
