@@ -16,6 +16,7 @@ from vlm_probe.weights import SVDConfig, compare_weights, open_checkpoint
 from vlm_probe.weights.spectra import (
     DenseOperator,
     GramSpectra,
+    delta_grams,
     StreamingDeltaOperator,
     effective_rank,
     exact_svd,
@@ -189,6 +190,23 @@ def test_gram_spectra_match_float64_svd_within_their_bound(tmp_path, config_dir,
     left, right = got.left.double(), got.right.double()
     torch.testing.assert_close(left.T @ left, torch.eye(5, dtype=torch.float64), atol=1e-9, rtol=0)
     torch.testing.assert_close(d @ right, left * got.values[:5], atol=1e-8 * exact[0], rtol=0)
+
+
+def test_delta_grams_equal_dense_products_tall_and_wide(tmp_path, config_dir) -> None:
+    g = torch.Generator().manual_seed(12)
+    tensors = {"model.layers.0.mlp.up_proj.weight": (torch.randn(75, 37, generator=g), torch.randn(75, 37, generator=g)),
+               "model.layers.0.mlp.down_proj.weight": (torch.randn(37, 75, generator=g), torch.randn(37, 75, generator=g))}
+    paths = _pair(tmp_path, tensors, config_dir)
+    ca, cb = open_checkpoint(paths["A"]), open_checkpoint(paths["B"])
+    for param in ("up_proj", "down_proj"):
+        name = f"model.language_model.layers.0.mlp.{param}.weight"
+        sources = [(ca, ca[name]), (cb, cb[name]), (ca, ca[name])]
+        d = materialize_delta(sources[0], sources[1]).double()
+        want = d.T @ d if d.shape[0] >= d.shape[1] else d @ d.T
+        for block in (8, 256):  # blocks of the lower triangle, and one block
+            got = delta_grams(sources, [(0, 1), (1, 2)], chunk_elements=300, block_size=block)
+            torch.testing.assert_close(got[0], want, rtol=1e-13, atol=1e-12)
+            torch.testing.assert_close(got[1], want, rtol=1e-13, atol=1e-12)  # -D has the same Gram
 
 
 def test_gram_bound_catches_float32_gram() -> None:
