@@ -132,12 +132,40 @@ def differences(a: dict[str, dict], b: dict[str, dict]) -> dict[str, tuple[float
     return out
 
 
+def float64_truth(paths: dict[str, str], keys: set[str]) -> dict[str, dict]:
+    """The four metrics of the exact deltas (float64 subtraction of the stored values, float64 SVD)."""
+    import torch
+    from safetensors import safe_open
+
+    def tensor(path: str, name: str) -> torch.Tensor:
+        index = json.loads((Path(path) / "model.safetensors.index.json").read_text())["weight_map"]
+        with safe_open(Path(path) / index[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    out = {}
+    for key in sorted(keys):
+        name, step = key.split("|")
+        a, b = step.split("->")
+        wa, wb = tensor(paths[a], name), tensor(paths[b], name)
+        d = (wb.double() - wa.double()).reshape(wa.shape[0], -1)
+        s = torch.linalg.svdvals(d)
+        p = s / s.sum()
+        p = p[p > 0]
+        out[key] = {"spectral_norm": float(s[0]), "stable_rank": float((d**2).sum()) / float(s[0]) ** 2,
+                    "erank": float(torch.exp(-(p * torch.log(p)).sum())), "top": s[:TOP_K].tolist()}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dir", help="where to write the trio (kept; reused if already there). Default: a "
                         "temporary directory, removed after")
     parser.add_argument("--no-vectors-variant", action="store_true", help="skip exact_vectors")
+    parser.add_argument("--oracle-max-side", type=int, default=128, help="compare both with a float64 SVD of the "
+                        "exact delta on the matrices whose smaller side is at most this (0: none)")
+    parser.add_argument("--small", action="store_true", help="a tiny trio of the same layout (seconds): checks "
+                        "the harness, times nothing worth reporting")
     parser.add_argument("--child")
     parser.add_argument("--paths")
     parser.add_argument("--metrics")
@@ -148,14 +176,21 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE))
     from _common import machine
+    import weight_deltas
     from weight_deltas import generate, warm_cache
+
+    if args.small:
+        weight_deltas.TEXT.update(hidden=64, layers=2, intermediate=160, heads=4, kv_heads=2, vocab=500)
+        weight_deltas.VISION.update(hidden=32, depth=2, intermediate=48, out=64, merge=4)
+        args.oracle_max_side = 10**9
 
     print("machine:", machine(), "(each variant runs in a subprocess with 1 torch thread)")
     print("load average:", ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="vlm_probe_spectra_"))
     scratch = Path(tempfile.mkdtemp(prefix="vlm_probe_spectra_metrics_"))
     try:
-        if all((root / name / "model.safetensors.index.json").is_file() for name in ("Base", "IN", "RL")):
+        if not args.small and all((root / name / "model.safetensors.index.json").is_file()
+                                  for name in ("Base", "IN", "RL")):
             paths = {name: str(root / name) for name in ("Base", "IN", "RL")}
             print(f"reusing the trio in {root}")
         else:
@@ -190,6 +225,17 @@ def main() -> None:
               f"(published only: {len(pub.keys() - mine.keys())}, exact only: {len(mine.keys() - pub.keys())})")
         for metric, (worst_abs, worst_rel) in differences(mine, pub).items():
             print(f"  {metric:14s} max |exact - published| = {worst_abs:.3g}   max relative = {worst_rel:.3g}")
+        if args.oracle_max_side:
+            from weight_deltas import shapes
+
+            side = {k: min(v[0], math.prod(v[1:])) for k, v in shapes().items() if len(v) >= 2}
+            keys = {k for k in pub.keys() & mine.keys() if side[k.split("|")[0]] <= args.oracle_max_side}
+            truth = float64_truth(paths, keys)
+            print(f"against a float64 SVD of the exact delta ({len(keys)} matrix-steps, smaller side <= "
+                  f"{args.oracle_max_side}):")
+            for label, got in (("published", pub), ("exact", mine)):
+                worst = differences({k: got[k] for k in keys}, truth)
+                print(f"  {label:10s} " + "   ".join(f"{m} max rel {r:.2g}" for m, (_, r) in worst.items()))
         bounds = [v["bound"] / v["spectral_norm"] for v in mine.values() if v["spectral_norm"] > 0]
         print(f"  recorded Gram bound / spectral norm: max {max(bounds):.3g}, median {statistics.median(bounds):.3g}")
     finally:
