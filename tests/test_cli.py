@@ -68,3 +68,14 @@ def test_argparse_lives_under_commands_and_nothing_imports_the_cli() -> None:
                 if upward and not relative.startswith("commands/") and relative != "cli.py":
                     offenders.append(f"{relative} imports {name}")
     assert not offenders, offenders
+
+
+def test_every_command_takes_threads_and_runs_under_one_thread_policy(capsys, monkeypatch) -> None:
+    leaves = [p for p in _parsers(build_parser()) if p.get_default("func")]
+    assert len(leaves) > 8
+    assert all("--threads" in p._option_string_actions for p in leaves), [p.prog for p in leaves]
+    assert main(["report", "/nonexistent-run", "--threads", "0"]) == 2
+    assert "threads must be at least 1" in capsys.readouterr().err
+    monkeypatch.setenv("VLM_PROBE_THREADS", "two")
+    assert main(["report", "/nonexistent-run"]) == 2
+    assert "VLM_PROBE_THREADS='two'" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 
 import pytest
@@ -448,10 +449,25 @@ def test_rl_raises_the_expected_reward(testbed) -> None:
             yield from pool
 
     log = grpo(policy, None, encoder, cycle(), steps=12, prompts=8, group=8, lr=3e-3, max_new_tokens=16,
-               seed=0, quiet=True)
+               seed=0, warmup=0, lr_floor=1.0, quiet=True)  # a constant rate: the estimator alone
     after = _expected_reward(policy, encoder, pool)
     assert after > before + 0.3, (before, after)
     assert log[-1]["reward"] > log[0]["reward"]
+    assert [row["lr"] for row in log] == [3e-3] * 12
+
+
+def test_rl_learning_rate_warms_up_then_decays(testbed) -> None:
+    path = testbed.checkpoint("IN")
+    from vlm_probe.model.processors import load_processor
+
+    policy = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    encoder = Encoder(policy, load_processor(path), vlm_probe.arch.get_spec(policy.config))
+    stream = iter(ItemStream(43, (("text/more", 1.0),)))
+    log = grpo(policy, None, encoder, stream, steps=6, prompts=1, group=2, lr=1e-3, max_new_tokens=4, warmup=2,
+               lr_floor=0.2, quiet=True)
+    # by hand: warm-up 1/2, 2/2 of the peak, then a half cosine from the peak to 0.2 of it over 4 steps
+    cosine = [0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [row["lr"] for row in log] == pytest.approx([1e-3 * f for f in (0.5, 1.0, *cosine)])
 
 
 def test_testbed_verdicts_equal_the_harness_verdicts(testbed) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from .commands.common import HelpFormatter
 from .errors import VLMProbeError
+from .threads import torch_threads
 
 #: Modules that register subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -27,6 +28,11 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+#: One thread policy for every subcommand (see :mod:`vlm_probe.threads`).
+THREADS_HELP = ("torch CPU threads (default: vlm_probe.threads.default_threads(): $VLM_PROBE_THREADS, else a core "
+                "left per busy process, at most half the cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-probe",
@@ -38,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"vlm_probe.{name}").register(sub)
     for each in _parsers(parser):  # every option's help shows its default
         each.formatter_class = HelpFormatter
+        if each.get_default("func") and "--threads" not in each._option_string_actions:
+            each.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return parser
 
 
@@ -65,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with torch_threads(getattr(args, "threads", None)):
+            return int(args.func(args) or 0)
     except VLMProbeError as error:
         print(f"vlm-probe {args.command}: error: {error}", file=sys.stderr)
         return 2

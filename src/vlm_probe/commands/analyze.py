@@ -51,8 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--reduced", action="store_true", help="use the reduced (seconds) testbed")
     parser.add_argument("--seed", type=int, default=0, help="testbed seed")
     parser.add_argument("--no-freezing", action="store_true", help="skip the testbed freezing runs")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: vlm_probe.threads.default_threads(): "
-                        "$VLM_PROBE_THREADS, else a core left per busy process, at most half the cores)")
     add_model_options(parser)
     parser.set_defaults(func=run)
 
@@ -89,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from ..report.analyze import Options, analyze
-    from ..threads import torch_threads
 
     started = time.perf_counter()
     if args.quiet:
@@ -97,9 +94,8 @@ def run(args: argparse.Namespace) -> int:
     options = Options(samples=args.samples, eval_items=args.eval_items, max_new_tokens=args.max_new_tokens,
                       cuts=args.cuts, merge_host=args.merge_host, chunk=args.chunk, quiet=args.quiet,
                       freezing=not args.no_freezing, load=model_options(args))
-    with torch_threads(args.threads):
-        analysis = analyze(args.in_path, args.rl_path, base_path=args.base_path, data=args.data, out=args.out,
-                           options=options, reduced=args.reduced, seed=args.seed,
-                           command="vlm-probe " + " ".join(sys.argv[1:]), started=started)
+    analysis = analyze(args.in_path, args.rl_path, base_path=args.base_path, data=args.data, out=args.out,
+                       options=options, reduced=args.reduced, seed=args.seed,
+                       command="vlm-probe " + " ".join(sys.argv[1:]), started=started)
     print_summary(analysis, started)
     return 1 if analysis.failures else 0

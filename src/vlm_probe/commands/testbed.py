@@ -66,8 +66,6 @@ def register(subparsers: Any) -> None:
     report.add_argument("--out", default=None, help="save the result (table.parquet, meta.json) to this folder")
     report.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     report.add_argument("--cache-dir", default=None, help="cache root")
-    report.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: vlm_probe.threads.default_threads())")
     report.set_defaults(func=run_report)
 
 
@@ -86,13 +84,11 @@ def run_build(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from ..threads import torch_threads
     from ..testbed.recipe import Recipe
     from ..testbed.rl_effect import rl_effect
 
     recipe = (Recipe.reduced_size() if args.reduced else Recipe()).replace(family=args.family)
-    with torch_threads(args.threads):
-        result = rl_effect(args.seeds, recipe=recipe, quiet=args.quiet, cache_dir=args.cache_dir)
+    result = rl_effect(args.seeds, recipe=recipe, quiet=args.quiet, cache_dir=args.cache_dir)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(result.table(args.by).to_string(index=False))
     if args.out:

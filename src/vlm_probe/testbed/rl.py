@@ -160,17 +160,20 @@ def grpo(
     frozen_params: Collection[str] = (),
     clip: float = 1.0,
     warmup: int = 10,
+    lr_floor: float = 0.1,
     desc: str = "rl",
     quiet: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``policy`` in place; returns one log row per step.
 
-    The learning rate warms up over ``warmup`` steps and then decays along a cosine to a tenth
-    of ``lr`` (late steps move the policy less, so the end of the run is stable).
+    The learning rate warms up over ``warmup`` steps and then decays along a cosine to
+    ``lr_floor * lr`` (late steps move the policy less, so the end of the run is stable;
+    ``warmup=0, lr_floor=1.0`` is a constant rate).
 
     Log columns: ``reward`` (mean, format bonus included), ``correct`` (mean), ``correct/<family>``,
     ``kl`` (per token, when a reference is given), ``pg`` (the policy-gradient loss) and
-    ``informative`` (share of groups whose rewards differ, the only ones that teach anything).
+    ``informative`` (share of groups whose rewards differ, the only ones that teach anything) and
+    ``lr`` (the rate of that step's update).
     """
     if kl > 0 and reference is None:
         raise ValueError("kl > 0 needs the reference model (IN).")
@@ -182,13 +185,14 @@ def grpo(
     log: list[dict[str, float]] = []
     with frozen(policy, frozen_params) as params:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, lr_floor))
         bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
         for _ in bar:
             items = [next(stream) for _ in range(prompts)]
             row = policy_gradient(policy, reference, encoder, items, group=group, kl=kl, temperature=temperature,
                                   max_new_tokens=max_new_tokens, format_reward=format_reward, generator=generator).log
             torch.nn.utils.clip_grad_norm_(params, clip)
+            row["lr"] = optimizer.param_groups[0]["lr"]
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
