@@ -163,7 +163,8 @@ def main() -> None:
                         "temporary directory, removed after")
     parser.add_argument("--no-vectors-variant", action="store_true", help="skip exact_vectors")
     parser.add_argument("--oracle-max-side", type=int, default=128, help="compare both with a float64 SVD of the "
-                        "exact delta on the matrices whose smaller side is at most this (0: none)")
+                        "exact delta on the matrices whose smaller side is at most this, and on the embedding and "
+                        "lm_head (the longest sums); 0: none")
     parser.add_argument("--small", action="store_true", help="a tiny trio of the same layout (seconds): checks "
                         "the harness, times nothing worth reporting")
     parser.add_argument("--child")
@@ -229,10 +230,12 @@ def main() -> None:
             from weight_deltas import shapes
 
             side = {k: min(v[0], math.prod(v[1:])) for k, v in shapes().items() if len(v) >= 2}
-            keys = {k for k in pub.keys() & mine.keys() if side[k.split("|")[0]] <= args.oracle_max_side}
+            longest = {"model.embed_tokens.weight", "lm_head.weight"}
+            keys = {k for k in pub.keys() & mine.keys()
+                    if side[k.split("|")[0]] <= args.oracle_max_side or k.split("|")[0] in longest}
             truth = float64_truth(paths, keys)
-            print(f"against a float64 SVD of the exact delta ({len(keys)} matrix-steps, smaller side <= "
-                  f"{args.oracle_max_side}):")
+            print(f"against a float64 SVD of the exact delta ({len(keys)} matrix-steps: smaller side <= "
+                  f"{args.oracle_max_side}, embedding, lm_head):")
             for label, got in (("published", pub), ("exact", mine)):
                 worst = differences({k: got[k] for k in keys}, truth)
                 print(f"  {label:10s} " + "   ".join(f"{m} max rel {r:.2g}" for m, (_, r) in worst.items()))
