@@ -321,17 +321,12 @@ def _float_views(piece_views: Sequence[Tensor], device: torch.device) -> list[Te
 
 def add_gram(gram: Float[Tensor, "g g"], x: Float[Tensor, "r g"], block: int = 256) -> None:
     """``gram += x.T @ x`` on the blocks on and below the diagonal only (about half the multiply-adds of a
-    full product when ``g`` spans several blocks); :func:`symmetrize` fills the rest at the end."""
+    full product when ``g`` spans several blocks). The lower triangle is the Gram; the symmetric
+    eigensolvers read nothing else (``UPLO="L"``), so no copy of a possibly large Gram is made."""
     g = x.shape[1]
     for i in range(0, g, block):
         xi = x[:, i:i + block]
         gram[i:i + block, : i + block].addmm_(xi.T, x[:, : i + block])
-
-
-def symmetrize(grams: Float[Tensor, "... g g"]) -> Float[Tensor, "... g g"]:
-    """Copy the lower triangle onto the upper one (in place), after :func:`add_gram`."""
-    lower = grams.tril()
-    return grams.copy_(lower + lower.tril(-1).transpose(-1, -2))
 
 
 def delta_grams(
@@ -341,12 +336,12 @@ def delta_grams(
     chunk_elements: int = 1 << 22,
     block_size: int = 256,
 ) -> Float[Tensor, "s g g"]:
-    """float64 Gram matrices of the deltas ``sources[b] - sources[a]`` for each step ``(a, b)``, in one read.
+    """float64 Gram matrices (lower triangles) of the deltas ``sources[b] - sources[a]`` for each step ``(a, b)``.
 
     A tall delta (``rows >= columns``) gives ``D.T D`` (``g = columns``), summed over row chunks; a wide
     one gives ``D D.T`` (``g = rows``) from its rows, held in float32 on ``device`` while it is read.
     Each delta is formed in float32 (as :func:`materialize_delta`) and widened to float64 exactly;
-    ``block_size`` is the column block of :func:`add_gram`.
+    ``block_size`` is the column block of :func:`add_gram`. Only the lower triangle is filled.
     """
     device = torch.device(device)
     m, n = sources[0][1].matrix_shape
@@ -368,7 +363,7 @@ def delta_grams(
         for c0 in range(0, n, width):
             for s in range(len(steps)):
                 add_gram(grams[s], held[s, :, c0:c0 + width].T.double(), block_size)
-    return symmetrize(grams)
+    return grams
 
 
 def delta_products(
@@ -462,9 +457,9 @@ class GramSpectra:
         stack = torch.cat([q.grams for q in queued]) if len(queued) > 1 else queued[0].grams
         any_vectors = any(v for q in queued for v in q.vectors)
         if any_vectors:
-            eigenvalues, eigenvectors = torch.linalg.eigh(stack)
+            eigenvalues, eigenvectors = torch.linalg.eigh(stack, UPLO="L")
         else:
-            eigenvalues, eigenvectors = torch.linalg.eigvalsh(stack), None
+            eigenvalues, eigenvectors = torch.linalg.eigvalsh(stack, UPLO="L"), None
         eigenvalues = eigenvalues.cpu()
         out = []
         offset = 0
