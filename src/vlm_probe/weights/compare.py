@@ -5,8 +5,9 @@
     result.plot()               # per-layer curves, shares by region, spectra by component
 
 Every tensor is read once, chunk by chunk, from all checkpoints together (memory: a few
-chunks, whatever the model size); spectra re-read one delta at a time right after its norms,
-while its pages are still in the OS cache.
+chunks, whatever the model size); exact spectra re-read the tensor right after its norms, while
+its pages are still in the OS cache, into one float64 Gram matrix per step, diagonalised with the
+other steps (and on a GPU other tensors) of the same Gram size.
 """
 
 from __future__ import annotations
@@ -197,8 +198,8 @@ def compare_weights(
                         max(chunk_elements, 1 << 22))
 
     def finish(done: list[tuple[object, dict[int, Spectrum]]]) -> None:
-        for index, found in done:
-            assert isinstance(index, int)
+        for key, found in done:
+            index = int(key)  # type: ignore[call-overload]  # the tensor's position, given to exact.add
             norms, spectra = waiting.pop(index)
             for s, spectrum in found.items():
                 spectra[s] = spectrum
@@ -355,7 +356,8 @@ def _rows(
             whole = spectrum.complete  # a truncated spectrum has no effective rank
             row.update(
                 spectral_norm=metrics.spectral_norm, stable_rank=metrics.stable_rank,
-                erank_s=metrics.erank_s if whole else nan, erank_s2=metrics.erank_s2 if whole else nan, topk_energy=metrics.topk_energy, spectrum=metrics.spectrum,
+                erank_s=metrics.erank_s if whole else nan, erank_s2=metrics.erank_s2 if whole else nan,
+                topk_energy=metrics.topk_energy, spectrum=metrics.spectrum,
                 svd_mode=spectrum.method, svd_k=int(spectrum.values.numel()), svd_error_bound=spectrum.error_bound,
             )
         else:
