@@ -8,7 +8,7 @@ OUT ?= vlm_probe_out
 MERGEKIT_PACKAGES := mergekit==0.1.5 pydantic==2.14.4 pydantic-core==2.50.5 immutables==0.21 click==8.5.1 \
 	annotated-types==0.8.0 typing-inspection==0.4.5 peft==0.21.2 sentencepiece==0.2.3
 
-.PHONY: install demo test docs bench clean
+.PHONY: install demo test docs bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,15 @@ docs: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mkdocs build --strict
 
 # every benchmark, about 40 min on 2 cores; weight_deltas and merge need about 9 GB in /tmp
-BENCHMARKS := tracing_overhead memory_soak patching_sweep vision_swap attention_mass weight_deltas spectra merge testbed_build analyze_job
+BENCHMARKS := tracing_overhead memory_soak patching_sweep vision_swap attention_mass attribution weight_deltas spectra merge testbed_build analyze_job
 
 bench: $(STAMP)
 	for b in $(BENCHMARKS); do echo "== $$b"; HF_HUB_OFFLINE=1 $(PY) benchmarks/$$b.py || exit 1; done
+
+# one GPU, under 8 minutes: random models at the real Qwen2.5-VL-3B/-7B and LLaVA-1.5-7B dimensions in bf16;
+# checks and timing ratios in one table (without a GPU: $(PY) benchmarks/gpu_check.py --small)
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) site $(OUT)

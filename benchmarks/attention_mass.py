@@ -3,7 +3,8 @@
   chunked  vlm_probe.analyses.attention_mass with the model on sdpa (rows recomputed from the
            layer's queries and keys, chunk by chunk)
   eager    the model loaded with attn_implementation="eager", full attention weights of every
-           layer read from the attention modules (the usual approach)
+           layer read from the attention modules (the usual approach; ``eager_mass`` with
+           ``save_weights=False`` reduces each layer inside the trace, as gpu_check.py does at 8k)
 Each variant runs in its own process (peak RSS is per process); the sequence is >= 2,000
 tokens (a large image plus a long prompt). Medians of repeated runs and ratios are printed.
 """
@@ -39,6 +40,34 @@ def _setup():
     return tiny, vlm_probe
 
 
+def chunked_mass(vlm, batch) -> list[float]:
+    """Mean attention mass from question to vision tokens per layer, rows recomputed chunk by chunk."""
+    from vlm_probe.analyses.attention_mass import attention_mass
+
+    frame = attention_mass(vlm, batch, queries="question", keys="vision", chunk=64, progress=False).frame
+    return frame.groupby("layer")["mass"].mean().tolist()
+
+
+def eager_mass(vlm, batch, save_weights: bool = True) -> list[float]:
+    """The same from the attention weights of a model on eager attention: every layer's
+    ``[batch, heads, seq, seq]`` weights saved (``save_weights``, the usual approach, the
+    figures on the benchmarks page) or each reduced inside the trace (one layer's alive at a time)."""
+    import nnsight
+    import torch
+
+    vision = batch.layout.mask("vision").float().to(vlm.device)
+    question = batch.layout.mask("question").float().to(vlm.device)
+
+    def reduce(w):  # [B, H, T, T] -> [B, H]: mass on vision keys summed over question queries
+        return ((w * vision[:, None, None, :]).sum(-1) * question[:, None, :]).sum(-1)
+
+    with torch.no_grad(), vlm.trace(batch):
+        out = nnsight.save([layer.attn.output[1] if save_weights else reduce(layer.attn.output[1])
+                            for layer in vlm.layers])
+    per_layer = [reduce(w) for w in out] if save_weights else out
+    return [float((m.float() / question.sum(-1, keepdim=True)).mean()) for m in per_layer]
+
+
 def run_variant(variant: str, repeats: int) -> dict:
     import torch
 
@@ -47,27 +76,11 @@ def run_variant(variant: str, repeats: int) -> dict:
     prompt = " ".join(["how many red circles are there in the picture ?"] * 40)
     image = tiny.image(0, size=(16 * 40, 16 * 46))  # 40 x 46 = 1,840 vision tokens
     batch = vlm.prepare(prompt, images=[image])
-    vision = batch.layout.mask("vision").float()
-    question = batch.layout.mask("question").float()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times, result = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        if variant == "chunked":
-            from vlm_probe.analyses.attention_mass import attention_mass
-
-            frame = attention_mass(vlm, batch, queries="question", keys="vision", chunk=64, progress=False).frame
-            result = frame.groupby("layer")["mass"].mean().tolist()
-        else:
-            import nnsight
-
-            with torch.no_grad(), vlm.trace(batch):
-                weights = nnsight.save([layer.attn.output[1] for layer in vlm.layers])
-            result = []
-            for w in weights:
-                per_query = (w * vision[:, None, None, :]).sum(-1)  # [B, H, T]
-                result.append(float(((per_query * question[:, None, :]).sum(-1) / question.sum()).mean()))
-            del weights
+        result = (chunked_mass if variant == "chunked" else eager_mass)(vlm, batch)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"variant": variant, "tokens": batch.width, "median_s": statistics.median(times),

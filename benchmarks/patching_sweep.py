@@ -48,14 +48,16 @@ def per_sample_patching(vlm, clean, corrupt) -> list[float]:
 
 def naive_patching(vlm, clean, corrupt) -> list[float]:
     """One forward per (layer, positions) cell, patched with raw torch hooks."""
+    clean_inputs = {k: v.to(vlm.device) for k, v in clean.inputs.items()}
+    corrupt_inputs = {k: v.to(vlm.device) for k, v in corrupt.inputs.items()}
     with torch.no_grad():
-        hidden = vlm.hf(**clean.inputs, output_hidden_states=True).hidden_states
-        clean_logits = vlm.hf(**clean.inputs).logits[:, -1]
+        hidden = vlm.hf(**clean_inputs, output_hidden_states=True).hidden_states
+        clean_logits = vlm.hf(**clean_inputs).logits[:, -1]
     values = []
     for layer in range(vlm.n_layers):
         module = vlm.layers[layer].envoy._module
         for positions in POSITIONS:
-            mask = corrupt.layout.mask(positions)
+            mask = corrupt.layout.mask(positions).to(vlm.device)
             source = hidden[layer + 1]
 
             def hook(mod, args, output, mask=mask, source=source):
@@ -66,7 +68,7 @@ def naive_patching(vlm, clean, corrupt) -> list[float]:
             handle = module.register_forward_hook(hook)
             try:
                 with torch.no_grad():
-                    logits = vlm.hf(**corrupt.inputs).logits[:, -1]
+                    logits = vlm.hf(**corrupt_inputs).logits[:, -1]
             finally:
                 handle.remove()
             values += M.kl(clean_logits, logits).tolist()

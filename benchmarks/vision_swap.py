@@ -39,8 +39,8 @@ def published_swap(vlm, targets, sources, config) -> list[str]:
     """One greedy generation per start layer, the swap applied by hooks on the first forward."""
     answers = []
     kv = vision_kv(vlm, sources, range(vlm.n_layers))
-    mask = targets.layout.mask("vision")
-    inputs = {k: v for k, v in targets.inputs.items() if k != "position_ids"}
+    mask = targets.layout.mask("vision").to(vlm.device)
+    inputs = {k: v.to(vlm.device) for k, v in targets.inputs.items() if k != "position_ids"}
     for start in range(vlm.n_layers):
         handles, fired = [], set()
         for layer in range(start, vlm.n_layers):

@@ -38,6 +38,14 @@ class CheckpointMismatchError(CheckpointError):
     """Checkpoints that were expected to share one architecture but do not."""
 
 
+class MissingShardError(CheckpointError):
+    """A sharded checkpoint whose index (or numbering) names shard files that are not there."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file (or config) whose header or index does not describe its contents."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A pickle-only checkpoint, refused unless the caller opts in."""
 
@@ -64,3 +72,19 @@ class RegionError(MergePlanError, InputError):
 
 class GradingError(VLMProbeError, ValueError):
     """A gold answer (or grading option) that cannot be graded as asked."""
+
+
+class GroupNameError(InputError, AttributeError):
+    """A token-group name (``layout.visoin``) the layout does not have; the message lists those it has."""
+
+
+class UnknownKeyError(InputError, KeyError):
+    """A name looked up in a mapping (a checkpoint set, collected activations) that it does not hold;
+    the message lists what it holds."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class RowIndexError(InputError, IndexError):
+    """A batch row outside the batch; the message says how many rows there are."""

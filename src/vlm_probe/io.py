@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import VLMProbeError
+from .errors import InputError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,18 +83,41 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def check_writable_dir(path: str | os.PathLike, *, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
+    """Refuse, before anything is written, a directory output that cannot be written as asked:
+    an existing regular file, an existing directory without ``overwrite``, a parent that is a
+    file, or a parent that cannot be created or written. ``flag`` names the option to replace
+    an existing directory (``--overwrite`` on the command line)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is an existing file, not a directory; choose another output path "
+                         "(a results directory is never written over a file).")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; pass {flag} to replace it, or choose another path.")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"Cannot create {path}: {parent} is a file, not a directory; choose another output path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"Cannot write {path}: {parent} is not writable; choose another output path.")
+    return path
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, flag: str = "overwrite=True") -> Iterator[Path]:
     """Build a directory under a temporary name; rename it to ``path`` when the block succeeds.
 
-    Refuses an existing ``path`` unless ``overwrite=True`` (then the old directory is
-    replaced only after the new one is complete). On error the temporary directory is removed.
+    Refuses (see :func:`check_writable_dir`) an existing file, and an existing directory
+    unless ``overwrite=True`` (then the old directory is replaced only after the new one is
+    complete). On error the temporary directory is removed.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise VLMProbeError(f"{path} already exists; pass overwrite=True to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    path = check_writable_dir(path, overwrite=overwrite, flag=flag)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as error:
+        raise InputError(f"Cannot write {path}: {error.strerror or error}; choose another output path.") from error
     try:
         yield tmp
         os.chmod(tmp, default_mode(directory=True))

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from .errors import VLMProbeError
+from .errors import InputError
 from .io import atomic_directory, atomic_write_json
 
 _REGISTRY: dict[str, type[Result]] = {}
@@ -57,8 +57,11 @@ class Result:
         """Read a saved result back (as the class that saved it)."""
         path = Path(path)
         meta_file = path / "meta.json"
+        if not path.exists():
+            raise InputError(f"{path} does not exist; pass the directory that Result.save() wrote.")
         if not meta_file.is_file():
-            raise VLMProbeError(f"{path} is not a saved vlm_probe result (no meta.json).")
+            raise InputError(f"{path} is not a saved vlm_probe result (no meta.json); pass the directory that "
+                             "Result.save() wrote.")
         info = json.loads(meta_file.read_text())
         target = _REGISTRY.get(info.get("kind"), cls)
         obj = target.__new__(target)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -57,5 +59,5 @@ def paired_difference(
     """Bootstrap CI of ``mean(b - a)`` over paired items (the same item scored twice)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
-        raise ValueError(f"Paired samples must have the same shape; got {a.shape} and {b.shape}.")
+        raise InputError(f"Paired samples must have the same shape; got {a.shape} and {b.shape}.")
     return bootstrap(b - a, n_resamples=n_resamples, level=level, seed=seed)

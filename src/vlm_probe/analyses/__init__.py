@@ -4,6 +4,7 @@ from . import metrics
 from .engine import AnswerLogprob, Greedy, Logits, Source, Variant, rerun, run
 from .options import RunOptions
 from .ablation import AblationResult, knockout_sweep, layer_ablation_sweep
+from .attribution import AttributionResult, attribution_sweep, cross_attribution, cross_checkpoint_attribution
 from .attention_mass import AttentionMassResult, attention_mass, token_attention
 from .collect import Activations, collect
 from .drift import DriftResult, representation_drift
@@ -25,6 +26,7 @@ __all__ = [
     "run",
     "Activations",
     "AttentionMassResult",
+    "AttributionResult",
     "DriftResult",
     "LensResult",
     "PatchingResult",
@@ -33,8 +35,11 @@ __all__ = [
     "TunedLens",
     "answer_sweep",
     "attention_mass",
+    "attribution_sweep",
     "collect",
     "compare_lenses",
+    "cross_attribution",
+    "cross_checkpoint_attribution",
     "cross_checkpoint_sweep",
     "cross_patch",
     "knockout_sweep",

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..interventions.objects import Knockout, Skip
-from ..interventions.positions import PositionSpec, positions_label
+from ..interventions.positions import PositionSpec, column_mask, positions_label
 from ..model.inputs import Batch
 from ..results import Result
 from ..stats import bootstrap, paired_difference
@@ -200,6 +200,8 @@ def knockout_sweep(
     for layer in chosen:
         if vlm.layers[layer].is_cross_attention:
             raise InputError(f"Layer {layer} is a cross-attention layer; knockout_sweep covers self-attention layers.")
+    for spec, what in ((queries, "knockout_sweep queries"), (keys, "knockout_sweep keys")):
+        column_mask(batch, spec, torch.arange(batch.width), vlm=vlm, what=what)  # fail before any forward
     heads_t = None if heads is None else tuple(int(h) for h in heads)
     label = f"knockout {positions_label(queries)} <- {positions_label(keys)}"
 

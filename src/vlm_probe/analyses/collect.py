@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, UnknownKeyError
 from ..interventions import sites as S
 from ..interventions.positions import resolve_positions
 from ..io import atomic_write_bytes, atomic_write_json
@@ -60,7 +60,7 @@ class Activations:
                 with safe_open(file, framework="pt") as shard:
                     pieces.append(shard.get_tensor(f"{name}#{part}"))
             return torch.cat(pieces)
-        raise KeyError(f"No activations for {key}; collected: {self.keys()[:6]} ...")
+        raise UnknownKeyError(f"No activations for {key}; collected: {self.keys()[:6]} ...")
 
     def __getitem__(self, key: tuple[str, str, int, str]) -> Tensor:
         return self._part(key, "acts")
@@ -94,6 +94,10 @@ class Activations:
         """Open a disk cache written by :func:`collect`: lazily (entries read from the shards
         on access) or, with ``lazy=False``, every shard into memory."""
         directory = Path(directory)
+        if not (directory / INDEX).is_file():
+            what = "does not exist" if not directory.exists() else f"has no {INDEX}"
+            raise InputError(f"{directory} {what}, so it is not an activation cache; pass the cache_dir that "
+                             "collect() wrote.")
         index = _read_index(directory)
         acts = cls()
         for shard in sorted(index["shards"], key=lambda s: (s["checkpoint"], s["batch"])):  # rows in sample order

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
+from ..errors import InputError
 from ..model.inputs import Batch
 
 #: Anything that turns a prepared batch into one generated text (or :class:`Generation`) per row.
@@ -68,7 +69,7 @@ def greedy_config(vlm: Any, max_new_tokens: int = 64, **overrides: Any) -> Gener
     ``suppress_tokens`` = the image/video placeholder ids. ``overrides`` change any field.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     tokenizer = vlm.tokenizer
     checkpoint = getattr(vlm.hf, "generation_config", None)
     eos = _ids(getattr(checkpoint, "eos_token_id", None))

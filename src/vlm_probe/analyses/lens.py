@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..interventions.positions import PositionSpec, positions_label
 from ..io import atomic_directory, atomic_write_bytes
 from ..model.inputs import Batch
@@ -58,10 +59,23 @@ class LensResult(Result):
         at ``layer``, with each token's top readout token in the hover."""
         from .overlay import overlay_figure, vision_values
 
+        if value not in self.frame:
+            raise InputError(f"No column {value!r} in this lens result; value= takes one of "
+                             f"{', '.join(c for c in self.frame.columns if self.frame[c].dtype.kind == 'f')}.")
+        row = batch.layout[sample]
+        vision = set(row.spans.get("vision", ()))
         frame = self.frame[(self.frame["sample"] == sample) & (self.frame["layer"] == layer)]
+        if frame.empty:
+            raise InputError(f"This lens result has no rows for sample {sample} at layer {layer}; it has layers "
+                             f"{sorted(self.frame['layer'].unique().tolist())} and samples 0..{self.frame['sample'].max()}.")
+        if not vision & set(frame["position"].tolist()):
+            raise InputError(
+                f"This lens result holds no vision-token positions (it was run at positions="
+                f"{self.meta.get('positions', '?')!r}), so there is nothing to draw over the image. Run the lens "
+                "with positions='vision' for an overlay."
+            )
         frame = frame[frame["checkpoint"] == (checkpoint or frame["checkpoint"].iloc[0])]
         frame = frame[frame["readout"] == frame["checkpoint"]]
-        row = batch.layout[sample]
         values = vision_values(row, dict(zip(frame["position"], frame[value])))
         top = dict(zip(frame["position"], frame["top_tokens"].str.split(" | ").str[0]))
         labels = [top.get(p, "") for p in row.spans["vision"]]
@@ -143,8 +157,14 @@ def logit_lens(
     """
     named = _named(models)
     rows: list[dict[str, Any]] = []
-    target_ids = torch.as_tensor(targets).long() if targets is not None else None
+    target_ids = torch.as_tensor(targets).long().flatten() if targets is not None else None
+    if target_ids is not None and target_ids.numel() != len(batch):
+        raise InputError(f"Got {target_ids.numel()} targets for {len(batch)} samples; targets= takes one token id "
+                         "per sample, in order.")
     for name, vlm in named.items():
+        vocab = vlm.hf.get_output_embeddings().weight.shape[0]
+        if target_ids is not None and not bool(((target_ids >= 0) & (target_ids < vocab)).all()):
+            raise InputError(f"targets= holds token ids outside the vocabulary (0..{vocab - 1}): {target_ids.tolist()[:8]}.")
         chosen = list(range(vlm.n_layers)) if layers is None else list(layers)
         needed = sorted(set(chosen) | {vlm.n_layers - 1})
         acts = collect({name: vlm}, batch, sites=("layer_out",), layers=needed, groups=(positions,), progress=False)

@@ -60,24 +60,42 @@ TokenSpec = int | str | Sequence[int | str] | Tensor
 
 
 def token_ids(tokenizer: Any, tokens: TokenSpec, n: int) -> Int[Tensor, " n"]:
-    """One token id per row: an id, a string (its first token), or a per-row sequence of either."""
+    """One token id per row: an id, a string that is exactly one token, or a per-row sequence of either.
+
+    A string that tokenizes to several tokens, or to the unknown token, is refused
+    (:class:`~vlm_probe.errors.InputError`): these metrics read one next-token position, and a
+    first-token stand-in would score answers sharing a first token ("red circle" vs "red square")
+    as equal. Pass the first token that tells the answers apart, or a token id.
+    """
 
     def one(t: int | str) -> int:
         if isinstance(t, (int,)) or (isinstance(t, Tensor) and t.dim() == 0):
             return int(t)
         ids = tokenizer.encode(str(t), add_special_tokens=False)
         if not ids:
-            raise InputError(f"{t!r} does not tokenize to any token.")
+            raise InputError(f"{t!r} does not tokenize to any token; pass a non-empty answer or a token id.")
+        if len(ids) > 1:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise InputError(
+                f"{t!r} is {len(ids)} tokens {pieces}, but logit_diff/target_prob score one next token. Pass the "
+                "single token that tells the answers apart (or its id); for whole multi-token answers use "
+                "answer-level scoring (ablation/knockout level='logprob' or answer_sweep)."
+            )
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None and ids[0] == unk:
+            raise InputError(f"{t!r} is not in the tokenizer's vocabulary (it maps to the unknown token "
+                             f"{tokenizer.unk_token!r}); every such answer would score the same.")
         return int(ids[0])
 
     if isinstance(tokens, Tensor):
         ids = tokens.long().flatten()
-        return ids.expand(n).clone() if ids.numel() == 1 else ids
-    if isinstance(tokens, (int, str)):
-        return torch.full((n,), one(tokens), dtype=torch.long)
-    ids = torch.tensor([one(t) for t in tokens], dtype=torch.long)
+        ids = ids.expand(n).clone() if ids.numel() == 1 else ids
+    elif isinstance(tokens, (int, str)):
+        ids = torch.full((n,), one(tokens), dtype=torch.long)
+    else:
+        ids = torch.tensor([one(t) for t in tokens], dtype=torch.long)
     if ids.numel() != n:
-        raise InputError(f"Got {ids.numel()} tokens for {n} rows.")
+        raise InputError(f"Got {ids.numel()} tokens for {n} samples; pass one per sample (or a single one for all).")
     return ids
 
 
@@ -126,15 +144,22 @@ class KLToClean:
 @dataclass
 class Restored:
     """Share of the clean-vs-corrupt output difference a patch restores:
-    ``1 - KL(p_clean || p) / KL(p_clean || p_corrupt)`` (1 = fully restored, 0 = no effect)."""
+    ``1 - KL(p_clean || p) / KL(p_clean || p_corrupt)`` (1 = fully restored, 0 = no effect).
+
+    Undefined (NaN) for samples whose clean and corrupt outputs agree (``KL < min_kl``): there
+    is no difference to restore, and a tiny denominator would only amplify noise. Sweeps warn
+    with the number of such samples; summaries leave them out.
+    """
 
     position: str | int = "last_prompt"
     name: str = "restored"
     normalizable: bool = False
-    eps: float = field(default=1e-12, repr=False)
+    min_kl: float = field(default=1e-6, repr=False)
 
     def __call__(self, logits: Tensor, clean: Tensor, corrupt: Tensor, samples: Tensor | None = None) -> Tensor:
-        return 1 - kl(clean, logits) / kl(clean, corrupt).clamp_min(self.eps)
+        gap = kl(clean, corrupt)
+        value = 1 - kl(clean, logits) / gap.clamp_min(self.min_kl)
+        return torch.where(gap < self.min_kl, torch.full_like(value, float("nan")), value)
 
 
 @dataclass
@@ -172,11 +197,21 @@ def _per_row(ids: Tensor, rows: int, samples: Tensor | None) -> Tensor:
 
 
 def logit_diff(tokenizer: Any, target: TokenSpec, foil: TokenSpec, n: int, position: str | int = "last_prompt") -> LogitDiff:
-    """A :class:`LogitDiff` with tokens resolved by ``tokenizer`` for ``n`` samples."""
-    return LogitDiff(token_ids(tokenizer, target, n), token_ids(tokenizer, foil, n), position)
+    """A :class:`LogitDiff` with tokens resolved by ``tokenizer`` for ``n`` samples.
+
+    Strings must be single tokens (see :func:`token_ids`); a target equal to its foil is refused,
+    since its difference is 0 whatever the model does.
+    """
+    t, f = token_ids(tokenizer, target, n), token_ids(tokenizer, foil, n)
+    same = (t == f).nonzero().flatten().tolist()
+    if same:
+        raise InputError(f"Target and foil are the same token in sample(s) {same[:8]}; their logit difference is 0 "
+                         "whatever the model does. Pass a different foil.")
+    return LogitDiff(t, f, position)
 
 
 def target_prob(tokenizer: Any, target: TokenSpec, n: int, position: str | int = "last_prompt") -> TargetProb:
+    """A :class:`TargetProb`; strings must be single tokens (see :func:`token_ids`)."""
     return TargetProb(token_ids(tokenizer, target, n), position)
 
 

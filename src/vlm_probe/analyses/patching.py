@@ -143,14 +143,16 @@ def _patching_frame(
     options: RunOptions,
     desc: str,
     extra: dict[str, Any],
+    cells: Sequence[Cell] | None = None,
 ) -> pd.DataFrame:
     """Run ``donor`` on ``source_batch`` once, then patch its activations into ``receiver``'s run
-    of ``base_batch`` cell by cell; this process's share of the samples, gathered."""
+    of ``base_batch`` cell by cell (``cells``: these instead of every site x layer x positions
+    cell); this process's share of the samples, gathered."""
     mine = shard_indices(len(base_batch), options.backend)
     rows: list[dict[str, Any]] = []
     if mine:
         source_part, base_part = source_batch[mine], base_batch[mine]
-        cells = _cells(receiver, base_part, sites, layers, positions)
+        cells = list(cells) if cells is not None else _cells(receiver, base_part, sites, layers, positions)
         variants = [Variant((cell.intervention("source"),)) for cell in cells]
         out = run(receiver, base_part, variants, Logits(metric.position), sources={"source": Source(donor, source_part)},
                   options=options, desc=desc)
@@ -219,12 +221,26 @@ def sweep(
     metric = metric or M.restored()
     frame = _patching_frame(vlm, vlm, clean, corrupt, _as_list(site), layers, positions, metric, options,
                             "patching", {})
+    _warn_undefined(frame, metric)
     return PatchingResult(frame, _meta(options, analysis="sweep", metric=metric.name, sites=_as_list(site),
                                        layers=_layers_meta(frame), positions=str(positions), n_samples=len(clean)))
 
 
 def _layers_meta(frame: pd.DataFrame) -> list[int]:
     return sorted({int(x) for x in frame["layer"]}) if len(frame) else []
+
+
+def _warn_undefined(frame: pd.DataFrame, metric: Any) -> None:
+    """Say how many samples got an undefined (NaN) value, e.g. ``restored`` where clean and
+    corrupt outputs agree, or any metric on a model whose outputs are not finite."""
+    if frame.empty or "value" not in frame:
+        return
+    bad = frame.loc[frame["value"].isna(), "sample"].unique()
+    if len(bad):
+        why = ("their clean and corrupt outputs agree (nothing to restore)" if metric.name == "restored"
+               else "the model's outputs are not finite there")
+        warnings.warn(f"{metric.name} is undefined (NaN) for {len(bad)} of {frame['sample'].nunique()} sample(s) "
+                      f"({sorted(bad.tolist())[:8]}): {why}. Summaries leave them out.", stacklevel=3)
 
 
 def cross_patch(
@@ -255,6 +271,7 @@ def cross_patch(
     metric = metric or M.restored()
     frame = _patching_frame(receiver, donor, batch, batch, _as_list(site), layers, positions, metric, options,
                             f"{names[1]} -> {names[0]}", {"receiver": names[0], "donor": names[1]})
+    _warn_undefined(frame, metric)
     return PatchingResult(frame, _meta(options, analysis="cross_patch", metric=metric.name, sites=_as_list(site),
                                        layers=_layers_meta(frame), positions=str(positions), receiver=names[0],
                                        donor=names[1]))
@@ -263,7 +280,26 @@ def cross_patch(
 def cross_checkpoint_sweep(
     models: Any, batch: Batch, *, a: str = "IN", b: str = "RL", both: bool = True, **kwargs: Any
 ) -> PatchingResult:
-    """Cross-checkpoint patching on a checkpoint set: ``b`` into ``a`` (and ``a`` into ``b``)."""
+    """Cross-checkpoint patching on a checkpoint set: ``b`` into ``a`` (and ``a`` into ``b``).
+
+    ``models`` is a :class:`~vlm_probe.model.checkpoint_set.CheckpointSet` (or a mapping of
+    names to VLMs) holding ``a`` and ``b``, two different checkpoints.
+    """
+    from collections.abc import Mapping
+
+    if not isinstance(models, Mapping):
+        raise InputError(
+            f"cross_checkpoint_sweep takes a checkpoint set, got {type(models).__name__}: use "
+            "vlm_probe.load_set(IN=..., RL=...) (or a dict of names to VLMs), or cross_patch(receiver, donor, batch) "
+            "for two models."
+        )
+    missing = [name for name in (a, b) if name not in models]
+    if missing:
+        raise InputError(f"No checkpoint {', '.join(map(repr, missing))} in this set; it has {', '.join(models)}. "
+                         "Pass a= and b= with names from the set.")
+    if a == b or models[a] is models[b]:
+        raise InputError(f"a={a!r} and b={b!r} are the same checkpoint: there is no difference to restore "
+                         "(every value would be undefined). Pass two different checkpoints.")
     first = cross_patch(models[a], models[b], batch, names=(a, b), **kwargs)
     if not both:
         return first

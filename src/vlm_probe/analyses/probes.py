@@ -144,6 +144,22 @@ class ProbeResult(Result):
         return fig
 
 
+def _check_collected(acts: Activations, site: str, group: str, checkpoints: Sequence[str] | None, n_labels: int) -> None:
+    """The activations hold ``site`` x ``group`` for every asked checkpoint, and one label per sample."""
+    keys = list(acts.keys())
+    names = sorted({c for c, s, _, g in keys if s == site and g == group})
+    if not names:
+        held = sorted({(s, g) for _, s, _, g in keys})
+        raise InputError(f"No activations of site={site!r}, group={group!r} were collected; these were: "
+                         f"{', '.join(f'{s}/{g}' for s, g in held) or 'none'}.")
+    unknown = [c for c in (checkpoints or ()) if c not in names]
+    if unknown:
+        raise InputError(f"checkpoints={list(checkpoints or ())}: no activations of {unknown}; collected: {names}.")
+    samples = int(acts.sample_index((names[0], site, acts.layers(names[0], site, group)[0], group)).max()) + 1
+    if n_labels != samples:
+        raise InputError(f"Got {n_labels} labels for {samples} collected samples; pass one label per sample, in order.")
+
+
 def probe_layers(
     acts: Activations,
     labels: Sequence[Any] | Tensor,
@@ -169,11 +185,18 @@ def probe_layers(
     label_array = np.asarray(labels.tolist() if isinstance(labels, Tensor) else list(labels))
     if task is None:
         task = "regression" if label_array.dtype.kind == "f" else "classification"
+    if task not in ("classification", "regression"):
+        raise InputError(f"task={task!r}; use 'classification' or 'regression' (or leave it out to infer it).")
     if task == "classification":
-        _, codes = np.unique(label_array, return_inverse=True)
+        classes, codes = np.unique(label_array, return_inverse=True)
+        if len(classes) < 2:
+            only = f"every label is {classes[0]!r}" if len(classes) else "labels= is empty"
+            raise InputError(f"A classification probe needs at least two classes, but {only}; pass labels that "
+                             "vary across samples.")
         y_all = torch.as_tensor(codes, dtype=torch.long)
     else:
         y_all = torch.as_tensor(label_array.astype(float))
+    _check_collected(acts, site, group, checkpoints, len(label_array))
     names = sorted({c for c, s, _, g in acts.keys() if s == site and g == group})
     checkpoints = list(checkpoints) if checkpoints is not None else names
     layers = acts.layers(names[0], site, group)

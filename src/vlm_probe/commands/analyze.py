@@ -9,7 +9,7 @@ import textwrap
 import time
 from typing import Any
 
-from .common import add_model_options, model_options
+from .common import add_model_options, check_out, model_options, parse_cuts, positive_int
 
 EXAMPLE = """examples:
   vlm-probe analyze --out report/                       # the built-in CPU testbed (built on first use)
@@ -36,18 +36,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the testbed's, or none)")
     parser.add_argument("--data", help="folder with the analysis datasets (default: the testbed's held-out set)")
     parser.add_argument("--out", default="vlm_probe_out", help="output directory (report.html, tables, run.json)")
-    parser.add_argument("--samples", type=int, help="items per probe, task-stratified (default: every item given; "
+    parser.add_argument("--samples", type=positive_int, help="items per probe, task-stratified (default: every item given; "
                         "set it for large models)")
-    parser.add_argument("--eval-items", type=int, help="items per dataset in the transfer table, task-stratified "
+    parser.add_argument("--eval-items", type=positive_int, help="items per dataset in the transfer table, task-stratified "
                         "(default: every item)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default: the data's "
+    parser.add_argument("--max-new-tokens", type=positive_int, help="tokens generated per answer (default: the data's "
                         "manifest.json generation.max_new_tokens, else 32)")
     parser.add_argument("--cuts", help="where the mid and late thirds start, 0-based decoder indices, e.g. 9,18 "
                         "(default: N//3,2N//3)")
     parser.add_argument("--merge-host", default="early", help="merge variants keep the vision tower, projector, "
                         "embeddings and head of: 'early' (the early third's source, as published) or a checkpoint "
                         "name such as IN")
-    parser.add_argument("--chunk", type=int, default=32, help="prompts per forward batch")
+    parser.add_argument("--chunk", type=positive_int, default=32, help="prompts per forward batch")
     parser.add_argument("--reduced", action="store_true", help="use the reduced (seconds) testbed")
     parser.add_argument("--seed", type=int, default=0, help="testbed seed")
     parser.add_argument("--no-freezing", action="store_true", help="skip the testbed freezing runs")
@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from ..report.analyze import Options, analyze
 
     started = time.perf_counter()
+    parse_cuts(args.cuts)
+    check_out(args.out)
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
     options = Options(samples=args.samples, eval_items=args.eval_items, max_new_tokens=args.max_new_tokens,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_writable_dir
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -39,6 +40,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def check_model_options(args: argparse.Namespace) -> None:
+    """``--dtype``, ``--attn`` and ``--device-map`` checked before anything is read or loaded."""
+    from ..model.loading import check_load_options
+
+    options = model_options(args)
+    check_load_options(options["dtype"], None, options["attn_implementation"])
+    try:
+        check_load_options(None, args.device_map, None)
+    except InputError as error:
+        raise InputError(str(error).replace("device_map", "--device-map", 1)) from None
+
+
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """``load()`` keyword arguments from the options of :func:`add_model_options` (a single
     device such as ``cuda:0`` becomes ``{"": "cuda:0"}``)."""
@@ -65,26 +78,108 @@ def load_model(path: str, args: argparse.Namespace) -> Any:
     """``load(path)`` with the command's model options; ``-q`` silences transformers' loading bar."""
     from ..model.loading import load
 
-    if not Path(path).exists() and "/" not in path:
-        raise InputError(f"{path} is neither a checkpoint directory nor a hub id (org/name).")
     if not args.quiet:
         return load(path, **model_options(args))
     with hf_progress_bars(False):
         return load(path, **model_options(args))
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"0,4,8"`` or ``"0-27"`` (inclusive) -> list of 0-based decoder layers."""
-    if not text:
+_INT = re.compile(r"-?\d+")
+_RANGE = re.compile(r"(-?\d+)-(-?\d+)")
+
+
+def parse_layers(text: str | None, flag: str = "--layers") -> list[int] | None:
+    """``"0,4,8"``, ``"0-27"`` (inclusive) or negative ones (``"-1"``, ``"-3--1"``, counted from the
+    end by the analyses) -> list of 0-based decoder layers; a mistake is an :class:`InputError`
+    naming ``flag``."""
+    if text is None:
         return None
     layers: list[int] = []
-    for part in text.split(","):
-        if "-" in part.strip()[1:]:
-            start, stop = part.split("-", 1)
-            layers += list(range(int(start), int(stop) + 1))
-        else:
+    for part in (p.strip() for p in text.split(",")):
+        if _INT.fullmatch(part):
             layers.append(int(part))
+            continue
+        match = _RANGE.fullmatch(part)
+        if not match:
+            raise InputError(f"{flag} {text!r}: {part!r} is not a layer or a range; use e.g. 0,4,8 or 0-27 or -1.")
+        start, stop = int(match[1]), int(match[2])
+        if (start < 0) != (stop < 0):
+            raise InputError(f"{flag} {text!r}: the range {part!r} mixes a layer counted from the start with one "
+                             "counted from the end; use 0-27 or -4--1.")
+        if start > stop:
+            raise InputError(f"{flag} {text!r}: the range {part!r} runs backwards; write it as {stop}-{start}.")
+        layers += list(range(start, stop + 1))
+    if len(set(layers)) != len(layers):
+        raise InputError(f"{flag} {text!r} names some layer twice.")
     return layers
+
+
+def parse_cuts(text: str | None, flag: str = "--cuts") -> tuple[int, ...] | None:
+    """``"9,18"`` -> ``(9, 18)``: two increasing 0-based decoder indices."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.replace("/", ",").split(",") if p.strip()]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise InputError(f"{flag} {text!r}: cuts must be two integers like 9,18 (0-based decoder layers).")
+    cuts = (int(parts[0]), int(parts[1]))
+    if not 0 < cuts[0] < cuts[1]:
+        raise InputError(f"{flag} {text!r}: the mid third must start after layer 0 and before the late one, e.g. 9,18.")
+    return cuts
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def check_out(path: str | None, flag: str = "--out", *, overwrite: bool = True, overwrite_flag: str = "--overwrite") -> None:
+    """An output directory the command can create: not an existing file, under a writable directory
+    (and, with ``overwrite=False``, not existing yet); checked before anything is loaded or written."""
+    if path is None:
+        return
+    try:
+        check_writable_dir(path, overwrite=overwrite, flag=overwrite_flag)
+    except InputError as error:
+        raise InputError(f"{flag}: {error}") from None
+
+
+def check_out_file(path: str | None, flag: str) -> None:
+    """An output file the command can write: not a directory, in a directory that can be created."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{flag} {path} is a directory; give a file name.")
+    check_out(str(target.parent), flag)
+
+
+def check_in_file(path: str | None, flag: str) -> Path | None:
+    """An input file that exists and is a file."""
+    if path is None:
+        return None
+    target = Path(path)
+    if not target.exists():
+        raise InputError(f"{flag} {path} does not exist; check the path.")
+    if not target.is_file():
+        raise InputError(f"{flag} {path} is a directory; give the file.")
+    return target
 
 
 def write_figure(fig: Any, path: Path) -> Path:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_model_options, load_model
+from .common import add_model_options, check_out, load_model, positive_int
 
 EXAMPLE = """\
 example:
@@ -36,15 +36,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--conditions", nargs="+", metavar="C",
                         help="image, blank, description, text (VQA/text) or target, source (swap pairs); "
                         "default: every condition the dataset supports")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generate call")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens generated per answer")
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="prompts per generate call")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="tokens generated per answer")
     parser.add_argument("--system", help="system prompt (default: none)")
     parser.add_argument("--instruction", help="text appended after every question, e.g. 'Answer with a number.' "
                         "(default: none)")
-    parser.add_argument("--limit", type=int, metavar="N",
+    parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="only the first N items (in all: a swap-pair root's tasks are read in name order); "
                         "default: every item")
-    parser.add_argument("--by", default="condition", help="group accuracies by this column (category, task, ...)")
+    parser.add_argument("--by", default="condition", choices=("condition", "category", "task"),
+                        help="group accuracies by this column")
     parser.add_argument("--seed", type=int, default=0, help="seed recorded with the run (greedy decoding)")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out with other settings")
     add_model_options(parser)
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.datasets import load_dataset
     from ..evaluation.runner import evaluate
 
+    check_out(args.out)  # an existing run directory is resumed
     dataset = load_dataset(args.data, limit=args.limit)  # bad data fails before the model loads
     vlm = load_model(args.model, args)
     result = evaluate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_options, load_model, parse_layers, write_figure
+from .common import add_model_options, check_out, load_model, parse_layers, positive_int, write_figure
 
 SWAP_EXAMPLE = """example:
   vlm-probe swap ckpt/rl --data shared/data/vision_swap_pairs/counting --out runs/rl-swap --layers 0-27
@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     swap.add_argument("--layers", help="start layers, e.g. 0-27 or 0,8,16 (0-based; default all)")
     swap.add_argument("--mode", choices=["from", "only"], default="from",
                       help="swap in every layer from L on (as published) or in layer L only")
-    swap.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per answer")
-    swap.add_argument("--limit", type=int, help="only the first N pairs (default: every pair)")
-    swap.add_argument("--max-rows", type=int, default=64, help="rows per batched generation")
+    swap.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per answer")
+    swap.add_argument("--limit", type=positive_int, help="only the first N pairs (default: every pair)")
+    swap.add_argument("--max-rows", type=positive_int, default=64, help="rows per batched generation")
     add_model_options(swap)
     swap.set_defaults(func=run_swap)
 
@@ -42,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ablate.add_argument("--layers", help="layers, e.g. 0-27 (0-based; default all)")
     ablate.add_argument("--condition", choices=["image", "blank", "description", "text"], default=None,
                         help="prompt condition (default: text for text-only items, image otherwise)")
-    ablate.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per answer")
-    ablate.add_argument("--limit", type=int, help="only the first N items (default: every item)")
-    ablate.add_argument("--max-rows", type=int, default=64, help="rows per batched generation")
+    ablate.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per answer")
+    ablate.add_argument("--limit", type=positive_int, help="only the first N items (default: every item)")
+    ablate.add_argument("--max-rows", type=positive_int, default=64, help="rows per batched generation")
     add_model_options(ablate)
     ablate.set_defaults(func=run_ablate)
 
@@ -53,9 +53,11 @@ def run_swap(args: argparse.Namespace) -> int:
     from ..evaluation.datasets import load_swap_pairs
     from ..evaluation.probes import swap_localization
 
+    layers = parse_layers(args.layers)
+    check_out(args.out)
     pairs = load_swap_pairs(args.data, limit=args.limit)  # bad data fails before the model loads
     vlm = load_model(args.model, args)
-    result = swap_localization(vlm, pairs, layers=parse_layers(args.layers), mode=args.mode,
+    result = swap_localization(vlm, pairs, layers=layers, mode=args.mode,
                                max_new_tokens=args.max_new_tokens, max_rows=args.max_rows, progress=not args.quiet)
     out = Path(args.out)
     result.save(out / "swap")
@@ -73,9 +75,11 @@ def run_ablate(args: argparse.Namespace) -> int:
     from ..evaluation.datasets import load_dataset
     from ..evaluation.probes import ablation_localization
 
+    layers = parse_layers(args.layers)
+    check_out(args.out)
     items = load_dataset(args.data, limit=args.limit)
     vlm = load_model(args.model, args)
-    result = ablation_localization(vlm, items, condition=args.condition, layers=parse_layers(args.layers),
+    result = ablation_localization(vlm, items, condition=args.condition, layers=layers,
                                    max_new_tokens=args.max_new_tokens, max_rows=args.max_rows,
                                    progress=not args.quiet)
     out = Path(args.out)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
+from ..io import atomic_write_text
+from .common import check_in_file, check_out, check_out_file, parse_cuts
 
 EXAMPLE = """examples:
   vlm-probe merge --ckpt IN=ckpt/in --ckpt RL=ckpt/rl --preset IN:RL:RL --cuts 9,18 --out merges/in-rl-rl
@@ -39,30 +41,38 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights.merge import open_all, write_merge
+    from ..weights.merge import open_all, parse_size, write_merge
     from ..weights.mergekit_export import mergekit_yaml
     from ..weights.plans import MergePlan, thirds_plan
 
-    checkpoints = {}
+    checkpoints: dict[str, str] = {}
     for item in args.ckpt:
         if "=" not in item:
             raise InputError(f"--ckpt takes NAME=PATH; got {item!r}.")
         name, path = item.split("=", 1)
+        if not name:
+            raise InputError(f"--ckpt {item!r} has no name; write NAME=PATH, e.g. --ckpt IN=ckpt/in.")
+        if name in checkpoints:
+            raise InputError(f"--ckpt {name} is given twice ({checkpoints[name]} and {path}); give each name once.")
         if not Path(path).is_dir():
             raise InputError(f"--ckpt {name}: {path} is not a directory.")
         checkpoints[name] = path
-    cuts = tuple(int(c) for c in args.cuts.split(",")) if args.cuts else None
+    cuts = parse_cuts(args.cuts)
+    parse_size(args.max_shard_size, "--max-shard-size")
+    check_out(args.out, overwrite=args.overwrite)
+    check_out_file(args.mergekit, "--mergekit")
     if args.plan:
-        plan = MergePlan.from_yaml(Path(args.plan).read_text())
+        plan = MergePlan.from_yaml(check_in_file(args.plan, "--plan").read_text())  # type: ignore[union-attr]
         if cuts is not None:
             plan = MergePlan(plan.host, plan.rules, cuts, plan.name)
     else:
         plan = thirds_plan(args.preset, host=args.host, cuts=cuts)
     opened = open_all(checkpoints)
+    exported = mergekit_yaml(plan, opened) if args.mergekit else None  # a plan mergekit cannot express fails here
     out = write_merge(plan, opened, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                       progress=not args.quiet)
     print(f"wrote {out}")
-    if args.mergekit:
-        Path(args.mergekit).write_text(mergekit_yaml(plan, opened))
+    if exported is not None:
+        atomic_write_text(args.mergekit, exported)
         print(f"wrote {args.mergekit}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .common import check_out, positive_int
+
 BUILD_EXAMPLE = """\
 examples:
   vlm-probe testbed build                 # full build with the freezing re-runs (about 10 minutes on 2 cores), cached
@@ -44,10 +46,10 @@ def register(subparsers: Any) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     build.add_argument("--cache-dir", default=None, help="cache root (default $VLM_PROBE_CACHE or ~/.cache/vlm_probe)")
-    build.add_argument("--threads", type=int, default=None,
+    build.add_argument("--threads", type=positive_int, default=None,
                        help="torch CPU threads per process (default: vlm_probe.threads.default_threads(), "
                             "1 on a 2-core machine)")
-    build.add_argument("--workers", type=int, default=None,
+    build.add_argument("--workers", type=positive_int, default=None,
                        help="processes for the RL runs and freezing re-runs (default: the usable cores, at most 4)")
     build.add_argument("--no-variants", action="store_true", help="skip the three freezing re-runs")
     build.set_defaults(func=run_build)
@@ -87,6 +89,7 @@ def run_report(args: argparse.Namespace) -> int:
     from ..testbed.recipe import Recipe
     from ..testbed.rl_effect import rl_effect
 
+    check_out(args.out)
     recipe = (Recipe.reduced_size() if args.reduced else Recipe()).replace(family=args.family)
     result = rl_effect(args.seeds, recipe=recipe, quiet=args.quiet, cache_dir=args.cache_dir)
     with pd.option_context("display.width", 200, "display.max_rows", 500):

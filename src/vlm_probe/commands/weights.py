@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..io import atomic_write_text
+from .common import check_out, parse_cuts, positive_int
 
 EXAMPLE = """example:
   vlm-probe weights ckpt/base ckpt/in ckpt/rl --cuts 8,20 --top-k 50 --out runs/weights
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--svd", choices=("auto", "exact", "randomized", "none"), default="auto",
                         help="spectra: auto / exact (every singular value, float64 Gram eigenvalues), randomized (top-k "
                              "with an error bound; marked, kept out of aggregate means), none (norms only)")
-    parser.add_argument("--top-k", type=int, default=50, help="singular values/vectors kept per delta")
+    parser.add_argument("--top-k", type=positive_int, default=50, help="singular values/vectors kept per delta")
     parser.add_argument("--device", default="auto", help="where spectra run: auto (CUDA when present), cpu, cuda, ...")
     parser.add_argument("--include", metavar="REGEX", help="only tensors whose module-path name matches "
                         "(default: every tensor)")
@@ -70,6 +71,8 @@ def _names(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if len(args.checkpoints) < 2:
         raise InputError("vlm-probe weights needs at least two checkpoints (e.g. BASE IN RL).")
+    parse_cuts(args.cuts)
+    check_out(args.out)
     out = Path(args.out) if args.out else None
     if out is not None and not args.overwrite:
         existing = [name for name in _OUTPUTS if (out / name).exists()]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import VLMProbeError
+from ..errors import InputError, VLMProbeError
 from ..results import Result
 from ..stats import Estimate, bootstrap
 
@@ -73,7 +73,7 @@ def _bools(values: Any) -> np.ndarray:
     array = np.asarray(values)
     if array.dtype != bool:
         if not np.isin(array, [0, 1]).all():
-            raise ValueError("Correctness values must be booleans (or 0/1).")
+            raise InputError("Correctness values must be booleans (or 0/1).")
         array = array.astype(bool)
     return array
 
@@ -86,7 +86,7 @@ def _paired(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray, int]:
         return _bools(joined["a"].to_numpy()), _bools(joined["b"].to_numpy()), excluded
     a, b = _bools(a), _bools(b)
     if a.shape != b.shape:
-        raise ValueError(f"Paired conditions need one value per item each; got {a.shape} and {b.shape}.")
+        raise InputError(f"Paired conditions need one value per item each; got {a.shape} and {b.shape}.")
     return a, b, 0
 
 

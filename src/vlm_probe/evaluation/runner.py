@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from ..errors import GradingError, InputError, VLMProbeError
-from ..io import JsonlLog, atomic_write_json
+from ..io import JsonlLog, atomic_write_json, check_writable_dir
 from ..results import Result
 from ..stats import bootstrap
 from .conditions import SUPPORTED, PromptFormat, Request, build_requests
@@ -207,7 +207,7 @@ def run_requests(
     from tqdm.auto import tqdm
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
     generate = generate or GreedyGenerator(vlm, max_new_tokens)
     grading = grading or Grading()
     ids = [r.id for r in requests]
@@ -299,6 +299,10 @@ class EvalRun(Result):
         Failed items are left out of ``n`` and counted in ``failed``.
         """
         keys = [by] if isinstance(by, str) else list(by)
+        unknown = [k for k in keys if k not in self.frame]
+        if unknown:
+            raise InputError(f"Cannot group by {unknown}: the rows have columns {', '.join(self.frame.columns)} "
+                             "(--by category, task or condition).")
         if "condition" not in keys:
             keys = ["condition", *keys]
         out = []
@@ -398,7 +402,7 @@ class _RunDir:
             saved = json.loads(run_file.read_text())
             diffs = _differences(saved.get("identity"), self.identity)
             if diffs:
-                raise VLMProbeError(
+                raise InputError(
                     f"{self.path} holds a run with other settings, so its rows cannot be resumed: "
                     + "; ".join(diffs[:6])
                     + ". Resume with the same settings, choose another output directory, or pass overwrite=True "
@@ -456,6 +460,12 @@ def evaluate(
     Returns:
         An :class:`EvalRun` (also saved to ``out/result`` when ``out`` is given).
     """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1 (--batch-size); got {batch_size}.")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1 (--max-new-tokens); got {max_new_tokens}.")
+    if out is not None:
+        check_writable_dir(out, overwrite=True)  # an existing run directory is resumed
     dataset = data if isinstance(data, EvalDataset) else load_dataset(data)
     if conditions is None:
         conditions = [SUPPORTED[dataset.kind][0]]

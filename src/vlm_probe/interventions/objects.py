@@ -404,6 +404,9 @@ class Knockout(Intervention):
         base = kwargs.get("attention_mask")
         n_q = int(hidden.shape[1])
         q_cols, k_cols = vlm.attention_columns(index, kwargs, n_q, None if base is None else int(base.shape[-1]))
+        for spec, what in ((self.queries, "knockout queries"), (self.keys, "knockout keys")):
+            _check_edge_mask(spec, None if scope.batch is None else len(scope.batch), n_q,
+                             int(k_cols.max()) + 1, what)
         queries = column_mask(scope.batch, self.queries, q_cols, vlm=vlm, what="knockout queries")
         keys = column_mask(scope.batch, self.keys, k_cols, vlm=vlm, what="knockout keys")
         mask = knockout_mask(base, queries, keys, q_cols, k_cols, self.heads, vlm.n_heads,
@@ -419,6 +422,19 @@ class Knockout(Intervention):
     def label(self) -> str:
         heads = "" if self.heads is None else f" heads {list(self.heads)}"
         return f"knockout {positions_label(self.queries)} <- {positions_label(self.keys)} @{self.layer}{heads}"
+
+
+def _check_edge_mask(spec: Any, rows: int | None, n_q: int, width: int, what: str) -> None:
+    """A boolean position mask must have one row per sample and, in a pass over several query
+    positions (the prompt), a column for every key it sees (narrower masks silently name nothing there)."""
+    if not (isinstance(spec, Tensor) and spec.dtype == torch.bool):
+        return
+    if spec.dim() != 2 or (rows is not None and spec.shape[0] != rows) or (n_q > 1 and spec.shape[1] < width):
+        raise InputError(
+            f"{what}: a position mask must be [batch, total] = [{rows or 'batch'}, >= {width}] (the padded batch's columns, and "
+            f"optionally generated ones); got shape {tuple(spec.shape)}. Build it from batch.layout.mask(group) or "
+            "pass a group name or a list of positions (with batch=...)."
+        )
 
 
 def knockout_mask(

@@ -42,7 +42,15 @@ def resolve_positions(
             vlm.require_image_positions(what)
         if spec == "all":
             return batch.inputs["attention_mask"].bool()
-        return batch.layout.mask(spec)
+        mask = batch.layout.mask(spec)
+        if not bool(mask.any()):
+            present = [name for name in batch.layout.names() if bool(batch.layout.mask(name).any())]
+            hint = " (a text-only batch has no image tokens)" if spec.startswith(IMAGE_GROUPS_PREFIX) else ""
+            raise InputError(
+                f"{what}: token group {spec!r} is empty in every sample of this batch{hint}, so the result would "
+                f"be all zeros. Use a group the batch holds: {', '.join(present)}."
+            )
+        return mask
     if isinstance(spec, Tensor) and spec.dtype == torch.bool:
         if spec.dim() == 2 and spec.shape[0] == shape[0] and spec.shape[1] > shape[1]:
             if bool(spec[:, shape[1]:].any()):
@@ -105,6 +113,13 @@ def column_mask(
     position and every later column. ``batch`` may be ``None`` when ``spec`` is a mask."""
     columns = columns.long().cpu()
     if isinstance(spec, Tensor) and spec.dtype == torch.bool and (batch is None or spec.shape[0] == len(batch)):
+        if spec.dim() != 2 or (batch is not None and spec.shape[1] < batch.width):
+            width = "total" if batch is None else f">= {batch.width}"
+            raise InputError(
+                f"{what}: a position mask must be [batch, total] with total {width} (the padded batch's columns, "
+                f"and optionally generated ones); got shape {tuple(spec.shape)}. Build it from "
+                "batch.layout.mask(group) or pass a group name or a list of positions."
+            )
         mask = spec.cpu()
     elif batch is None:
         raise InputError(f"{what}: a position spec other than a [batch, total] mask needs the batch.")

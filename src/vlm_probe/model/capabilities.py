@@ -172,6 +172,12 @@ class Capabilities:
 
     # ------------------------------------------------------------------ attention
 
+    def attention_readable(self, layer: int) -> bool:
+        """Whether decoder ``layer``'s attention-function inputs can be read (a self-attention
+        layer whose attention call was found at load time)."""
+        sites = self.layers[layer]
+        return not sites.is_cross_attention and type(sites.attn._module) in self._attention_calls
+
     def attention_call(self, layer: int) -> Any:
         """The nnsight source operation of decoder ``layer``'s attention-function call
         (``attention_interface(module, query, key, value, mask, ...)``), found at load time."""

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..errors import CheckpointMismatchError, InputError
+from ..errors import CheckpointMismatchError, InputError, UnknownKeyError
 from .inputs import Batch
-from .loading import load
+from .loading import check_load_options, load
 from .wrapper import VLM
+
+#: load()'s keyword options, which load_set() passes on (never checkpoint names)
+LOAD_OPTIONS = frozenset(name for name, p in inspect.signature(load).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype",
                         "_attn_implementation_autoset", "architectures", "_commit_hash"}
@@ -72,7 +76,7 @@ class CheckpointSet(Mapping[str, VLM]):
         try:
             return self._models[name]
         except KeyError:
-            raise KeyError(f"No checkpoint {name!r} in this set; it has {', '.join(self._models)}.") from None
+            raise UnknownKeyError(f"No checkpoint {name!r} in this set; it has {', '.join(self._models)}.") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._models)
@@ -100,12 +104,24 @@ class CheckpointSet(Mapping[str, VLM]):
         return f"CheckpointSet({', '.join(self._models)}; {self.reference.spec.display_name}, {self.n_layers} layers)"
 
 
-def load_set(**checkpoints: Any) -> CheckpointSet:
+def load_set(*, options: Mapping[str, Any] | None = None, **checkpoints: Any) -> CheckpointSet:
     """Load named checkpoints of one architecture: ``load_set(IN="path/in", RL="path/rl")``.
 
     Values may be paths, hub ids, :class:`VLM` objects, or anything :func:`load` takes.
-    Pass shared loading options as ``options={...}``.
+    Loading options shared by every checkpoint are :func:`load`'s keyword options, given
+    either directly (``load_set(IN=..., RL=..., dtype="bf16")``) or as ``options={...}``; their
+    names (``dtype``, ``device_map``, ...) cannot name checkpoints.
     """
-    options = checkpoints.pop("options", {}) or {}
+    options = dict(options or {})
+    for key in LOAD_OPTIONS & set(checkpoints):
+        if key in options:
+            raise InputError(f"{key}= is given both directly and in options=; give it once.")
+        options[key] = checkpoints.pop(key)
+    unknown = set(options) - LOAD_OPTIONS
+    if unknown:
+        raise InputError(f"Unknown loading option(s) {sorted(unknown)}; load() takes {', '.join(sorted(LOAD_OPTIONS))}.")
+    if not checkpoints:
+        raise InputError("load_set() needs named checkpoints, e.g. load_set(IN='ckpt/in', RL='ckpt/rl').")
+    check_load_options(options.get("dtype"), options.get("device_map"), options.get("attn_implementation"))
     models = {name: value if isinstance(value, VLM) else load(value, **options) for name, value in checkpoints.items()}
     return CheckpointSet(models)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..arch import FamilySpec
 from ..errors import InputError
-from .layout import BatchLayout, TokenLayout
+from .layout import BatchLayout, TokenLayout, check_row
 from .vision_cells import vision_cells
 
 #: Text fields padded along the sequence dimension, with their padding value (None: pad id).
@@ -174,12 +174,13 @@ class Batch:
         return [r.answer for r in self.rows]
 
     def __getitem__(self, index: int | slice | Sequence[int]) -> Batch:
+        n = len(self.rows)
         if isinstance(index, int):
-            picked = [self.rows[index]]
+            picked = [self.rows[check_row(index, n)]]
         elif isinstance(index, slice):
             picked = list(self.rows[index])
         else:
-            picked = [self.rows[i] for i in index]
+            picked = [self.rows[check_row(i, n)] for i in index]
         return Batch(picked, self.collator)
 
     def __add__(self, other: Batch) -> Batch:
@@ -217,6 +218,26 @@ def align(*batches: Batch) -> tuple[Batch, ...]:
 
 def _is_messages(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def min_image_side(processor: Any) -> int:
+    """The smallest image side the processor can cut into patches: its ``patch_size`` when it
+    declares one, else 1 pixel (processors that resize every image)."""
+    patch = getattr(getattr(processor, "image_processor", None), "patch_size", None)
+    if isinstance(patch, dict):
+        patch = max(int(v) for v in patch.values() if v) if any(patch.values()) else None
+    return int(patch) if isinstance(patch, int) and patch > 0 else 1
+
+
+def check_image_size(image: Image.Image, processor: Any) -> None:
+    """Refuse an image with a side below :func:`min_image_side` (a 0x0 image crashes most
+    processors and gives Gemma3 a meaningless input)."""
+    side = min_image_side(processor)
+    if min(image.size) < side:
+        raise InputError(
+            f"An image of {image.size[0]}x{image.size[1]} pixels is too small: this processor needs at least "
+            f"{side}x{side} (one patch). Check how the image was loaded or cropped."
+        )
 
 
 def _as_image_list(images: Any) -> list[Image.Image]:
@@ -389,11 +410,18 @@ def encode_row(
         kwargs["images"] = [images]
         kwargs["return_text_replacement_offsets"] = True
     try:
-        encoding = dict(processor(text=[rendered.text], **kwargs))
-    except TypeError:  # processors without offset support
-        kwargs.pop("return_text_replacement_offsets", None)
-        kwargs.pop("return_offsets_mapping", None)
-        encoding = dict(processor(text=[rendered.text], **kwargs))
+        try:
+            encoding = dict(processor(text=[rendered.text], **kwargs))
+        except TypeError:  # processors without offset support
+            kwargs.pop("return_text_replacement_offsets", None)
+            kwargs.pop("return_offsets_mapping", None)
+            encoding = dict(processor(text=[rendered.text], **kwargs))
+    except ValueError as error:
+        if images or "image" not in str(error).lower():
+            raise
+        raise InputError(f"{spec.display_name} cannot take a prompt without an image (its processor says: "
+                         f"{' '.join(str(error).split())}). Pass an image with every prompt (a blank image for a "
+                         "text-only control).") from error
     offsets = encoding.get("offset_mapping")
     replacements = encoding.get("text_replacement_offsets") or [[]]
     replacements = replacements[0] if replacements and isinstance(replacements[0], list) else replacements

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import GroupNameError, InputError, RowIndexError
 
 #: Group names every layout defines (possibly empty), besides ``image{k}``.
 STANDARD_GROUPS: tuple[str, ...] = (
@@ -95,7 +95,9 @@ class TokenLayout:
         spans = self.__dict__.get("spans")
         if spans is not None and name in spans:
             return torch.tensor(spans[name], dtype=torch.long)
-        raise AttributeError(name)
+        if spans is None or name.startswith("_"):
+            raise AttributeError(name)
+        raise GroupNameError(f"No token group {name!r} in this layout; it has {', '.join(sorted(spans))}.")
 
     def mask(self, group: str) -> Bool[Tensor, " seq"]:
         """Boolean mask over the row's positions."""
@@ -130,6 +132,15 @@ class TokenLayout:
         return f"TokenLayout(length={self.length}, {sizes})"
 
 
+def check_row(index: int, n: int) -> int:
+    """``index`` (negative counts from the end) if it names one of ``n`` rows, else :class:`RowIndexError`."""
+    index = int(index)
+    if not -n <= index < n:
+        raise RowIndexError(f"Row {index} is outside this batch of {n} row(s); valid rows are 0..{n - 1} "
+                            f"(or -{n}..-1).")
+    return index
+
+
 class BatchLayout(Sequence[TokenLayout]):
     """Layouts of every row of a batch.
 
@@ -148,7 +159,7 @@ class BatchLayout(Sequence[TokenLayout]):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return BatchLayout(self.rows[index])
-        return self.rows[index]
+        return self.rows[check_row(index, len(self.rows))]
 
     def __iter__(self) -> Iterator[TokenLayout]:
         return iter(self.rows)
@@ -171,6 +182,8 @@ class BatchLayout(Sequence[TokenLayout]):
         """Positions of ``group``, which must be identical in every row."""
         if not self.rows:
             raise InputError("Empty batch has no positions.")
+        if all(group not in row.spans for row in self.rows):
+            raise InputError(f"No token group {group!r} in this batch's layout; it has {', '.join(self.names())}.")
         if not self.uniform(group):
             raise InputError(
                 f"Token group {group!r} sits at different positions in different rows of this batch. "
@@ -182,9 +195,10 @@ class BatchLayout(Sequence[TokenLayout]):
     def __getattr__(self, name: str) -> Int[Tensor, " n"]:
         if name.startswith("_") or name == "rows":
             raise AttributeError(name)
-        if any(name in row.spans for row in self.__dict__.get("rows", ())):
+        rows = self.__dict__.get("rows", ())
+        if any(name in row.spans for row in rows):
             return self.positions(name)
-        raise AttributeError(name)
+        raise GroupNameError(f"No token group {name!r} in this batch's layout; it has {', '.join(self.names())}.")
 
     @property
     def groups(self) -> dict[str, Int[Tensor, " n"]]:

@@ -11,6 +11,7 @@ module tree at ``vlm.model...``) that also
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,9 +21,9 @@ from nnsight import TransformersModel
 from PIL import Image
 
 from ..arch import FamilySpec, get_spec
-from ..errors import InputError, NoOpInterventionError, SpecMismatchError
+from ..errors import CheckpointError, InputError, NoOpInterventionError, SpecMismatchError
 from .capabilities import Capabilities
-from .inputs import Batch, Collator, ForwardInputs, Template, encode_row, render_prompt
+from .inputs import Batch, Collator, ForwardInputs, Template, check_image_size, encode_row, render_prompt
 from .sites import DecoderLayer, SiteList, VisionSites, cross_attention_layers, resolve
 
 PromptLike = str | list[dict[str, Any]]
@@ -202,6 +203,8 @@ class VLM(Capabilities, TransformersModel):
             for img in imgs:
                 if not isinstance(img, Image.Image):
                     raise InputError(f"Images must be PIL images; got {type(img).__name__}.")
+            for img in imgs:
+                check_image_size(img, self.processor)
             imgs = [img.convert("RGB") if img.mode != "RGB" else img for img in imgs]
             rendered = render_prompt(
                 self.processor, self.spec, prompt, len(imgs), system=system, answer=answer, template=template
@@ -279,6 +282,13 @@ class VLM(Capabilities, TransformersModel):
         outputs equal ``output_hidden_states``, that changing the image changes the logits,
         and that an edit at a standard site changes the output.
         """
+        bad = nonfinite_parameters(self._module)
+        if bad:
+            raise CheckpointError(
+                f"{self.spec.display_name} has NaN or Inf in {len(bad)} parameter tensor(s), e.g. {', '.join(bad[:3])}; "
+                "every result from it would be NaN. Re-save or re-download the checkpoint (vlm-probe weights "
+                "reports which tensors are affected)."
+            )
         if batch is None:
             size = (64, 64)
             imgs = [Image.new("RGB", size, (200, 30, 30)), Image.new("RGB", size, (20, 40, 220))]
@@ -299,7 +309,7 @@ class VLM(Capabilities, TransformersModel):
             self.layers[0].mlp.output = self.layers[0].mlp.output * 0
             edited = self.lm_head.output.save()
         report["edit_effect"] = float((edited - plain.logits).abs().max())
-        problems = []
+        problems = [f"{name} is not finite ({value})" for name, value in report.items() if not math.isfinite(value)]
         if report["trace_vs_plain"] > atol:
             problems.append(f"a trace changed the logits by {report['trace_vs_plain']:.3g}")
         if report["layers_vs_hidden_states"] > atol:
@@ -317,3 +327,9 @@ class VLM(Capabilities, TransformersModel):
             f"VLM({self.spec.display_name}: {self.n_layers} layers, d_model={self.d_model}, "
             f"{self.vision.depth} vision blocks, path={getattr(self._module, 'name_or_path', '') or '<in memory>'})"
         )
+
+
+def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers that hold NaN or Inf."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return [name for name, t in tensors if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, check_writable_dir
 from .claims import ClaimResult, judge
 from .inputs import Inputs, resolve_inputs
 from .pipeline import Options, Pipeline, SectionRecord
@@ -99,6 +99,7 @@ def analyze(
     """
     options = options or Options()
     started = time.perf_counter() if started is None else started
+    check_writable_dir(out, overwrite=True)  # an unusable --out fails before any work
     inputs = resolve_inputs(in_path, rl_path, base_path, data, reduced=reduced, seed=seed, quiet=options.quiet,
                             cuts=options.cuts)
     prepared = time.perf_counter()

@@ -247,7 +247,7 @@ def freezing(p: Pipeline, rec: SectionRecord) -> None:
     p.save_table(rec, "freezing", table.frame)
     counts = table.frame[table.frame["variant"] == "RL"].set_index("family")["n"].to_dict()
     rec.samples.append("n = " + ", ".join(f"{family} {n}" for family, n in counts.items())
-                       + " held-out items per variant (the testbed's own scorer: exact match of the decoded answer)")
+                       + " held-out items per variant (graded by the evaluation harness's grader)")
 
 
 #: ``(id, title, function)`` of every section, in report order.

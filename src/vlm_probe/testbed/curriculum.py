@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from .tasks import Item, ItemStream, Mixture, SceneOptions, parse_mixture
 from .traces import demonstration
 from .train import Example
@@ -87,9 +88,9 @@ def demonstration_set(
     """``size`` demonstrations drawn from ``mixture``; each reasoning trace holds a mistake with
     probability ``error_rate`` (perception answers are given as they are)."""
     if size < 1:
-        raise ValueError(f"A demonstration set needs at least one example, got size={size}.")
+        raise InputError(f"A demonstration set needs at least one example, got size={size}.")
     if not 0.0 <= error_rate < 1.0:
-        raise ValueError(f"error_rate must lie in [0, 1), got {error_rate}.")
+        raise InputError(f"error_rate must lie in [0, 1), got {error_rate}.")
     rng = np.random.default_rng([seed, 1])
     examples, mistakes = [], []
     for item in ItemStream(seed, mixture, scenes=scenes, exclude=exclude, prefix="demo").take(size):
@@ -119,7 +120,7 @@ def cold_start_examples(
     traces (repeated in epochs), perception fresh, each example drawn by the mixture's weights."""
     reasoning, perception, share = split_mixture(mixture)
     if not reasoning:
-        raise ValueError("A cold start needs reasoning families (v2r, described, text) in its mixture.")
+        raise InputError("A cold start needs reasoning families (v2r, described, text) in its mixture.")
     demo_set = demonstration_set(seed, reasoning, demos, error_rate=error_rate, scenes=scenes, exclude=exclude)
     fresh = curriculum_stream(seed + 1, perception, scenes=scenes, exclude=exclude, batch_size=1,
                               prefix="perception") if perception else None

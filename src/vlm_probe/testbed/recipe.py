@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from .tasks import Mixture, SceneOptions, parse_mixture
 from .zoo import FAMILIES as ZOO_FAMILIES
 from .zoo import Sizes
@@ -130,7 +131,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.family not in ZOO_FAMILIES:
-            raise ValueError(f"Unknown model family {self.family!r}; the zoo has {', '.join(ZOO_FAMILIES)}.")
+            raise InputError(f"Unknown model family {self.family!r}; the zoo has {', '.join(ZOO_FAMILIES)}.")
         for stage in (self.base, self.instruct):
             parse_mixture(stage.mixture)
         parse_mixture(self.rl.mixture)

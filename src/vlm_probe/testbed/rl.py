@@ -34,6 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..analyses.generation import Generation
 from ..evaluation.grading import grade
 from .decoding import complete, completion_logits, decode_responses
@@ -176,7 +177,7 @@ def grpo(
     ``lr`` (the rate of that step's update).
     """
     if kl > 0 and reference is None:
-        raise ValueError("kl > 0 needs the reference model (IN).")
+        raise InputError("kl > 0 needs the reference model (IN).")
     generator = torch.Generator().manual_seed(seed)
     if reference is not None:
         reference.eval()

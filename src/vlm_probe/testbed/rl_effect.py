@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from ..arch import get_spec
 from ..results import Result
 from ..stats import bootstrap, paired_difference
@@ -131,7 +132,7 @@ def rl_effect(
         An :class:`RLEffect` (``.table()``, ``.to_frame()``, ``.plot()``).
     """
     if len(seeds) < 1:
-        raise ValueError("rl_effect needs at least one seed (two or more for a claim).")
+        raise InputError("rl_effect needs at least one seed (two or more for a claim).")
     base = recipe or (Recipe.reduced_size() if reduced else Recipe())
     rows: list[dict[str, Any]] = []
     per_seed: list[tuple[np.ndarray, np.ndarray]] = []

@@ -19,6 +19,8 @@ import numpy as np
 from jaxtyping import Bool, UInt8
 from PIL import Image
 
+from ..errors import InputError
+
 #: Palette: saturated colours far apart in RGB, so a shape's colour is never ambiguous.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -57,12 +59,12 @@ class Scene:
     def __post_init__(self) -> None:
         cells = [(s.row, s.column) for s in self.shapes]
         if len(set(cells)) != len(cells):
-            raise ValueError(f"Two shapes share a cell: {sorted(cells)}.")
+            raise InputError(f"Two shapes share a cell: {sorted(cells)}.")
         for s in self.shapes:
             if not (1 <= s.row <= self.grid and 1 <= s.column <= self.grid):
-                raise ValueError(f"{s} lies outside a {self.grid} x {self.grid} grid.")
+                raise InputError(f"{s} lies outside a {self.grid} x {self.grid} grid.")
             if s.color not in COLORS or s.shape not in SHAPES:
-                raise ValueError(f"Unknown colour or shape in {s}; colours {list(COLORS)}, shapes {list(SHAPES)}.")
+                raise InputError(f"Unknown colour or shape in {s}; colours {list(COLORS)}, shapes {list(SHAPES)}.")
         object.__setattr__(self, "shapes", tuple(sorted(self.shapes)))
 
     def __iter__(self) -> Iterator[Shape]:
@@ -135,7 +137,7 @@ def shape_mask(shape: str, cell: int = CELL) -> Bool[np.ndarray, "cell cell"]:
     if shape == "triangle":  # apex up, base on the bottom edge of the inner square
         height = (y - margin + 0.5) / inner  # 0 at the top of the inner square, 1 at the bottom
         return inside & (np.abs(x - centre) <= height * inner / 2)
-    raise ValueError(f"Unknown shape {shape!r}; known: {SHAPES}.")
+    raise InputError(f"Unknown shape {shape!r}; known: {SHAPES}.")
 
 
 def render_array(

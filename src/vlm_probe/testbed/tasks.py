@@ -33,6 +33,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
 from .scenes import BACKGROUND, CELL, COLORS, GRID, SHAPES, Scene, Shape, blank_image, random_scene, render
 from .traces import Count, Step, Working
 
@@ -276,10 +277,10 @@ def make_item(
 ) -> Item:
     """Draw one item of ``family`` (and ``task``, else a uniformly chosen task of the family)."""
     if family not in TASKS:
-        raise ValueError(f"Unknown task family {family!r}; known: {', '.join(TASKS)}.")
+        raise InputError(f"Unknown task family {family!r}; known: {', '.join(TASKS)}.")
     task = task or _pick(rng, TASKS[family])
     if task not in TASKS[family]:
-        raise ValueError(f"Family {family!r} has no task {task!r}; its tasks: {', '.join(TASKS[family])}.")
+        raise InputError(f"Family {family!r} has no task {task!r}; its tasks: {', '.join(TASKS[family])}.")
     if family == "text":
         question, answer, solution = TEXT[task](rng)
         return Item(item_id, family, task, question, answer, None, "none", solution=solution)
@@ -306,17 +307,17 @@ def parse_mixture(mixture: Mixture) -> tuple[list[tuple[str, str | None]], np.nd
     for name, weight in mixture:
         family, _, task = name.partition("/")
         if family not in TASKS or (task and task not in TASKS[family]):
-            raise ValueError(
+            raise InputError(
                 f"Unknown mixture entry {name!r}: use a family ({', '.join(TASKS)}) or family/task, "
                 f"e.g. 'perception/color_at'."
             )
         if weight < 0:
-            raise ValueError(f"Mixture weight of {name!r} is negative ({weight}).")
+            raise InputError(f"Mixture weight of {name!r} is negative ({weight}).")
         entries.append((family, task or None))
         weights.append(float(weight))
     total = sum(weights)
     if not entries or total <= 0:
-        raise ValueError("A mixture needs at least one entry with a positive weight.")
+        raise InputError("A mixture needs at least one entry with a positive weight.")
     return entries, np.asarray(weights) / total
 
 
@@ -408,7 +409,7 @@ def swap_pair(
     * ``arithmetic``: "how many shapes are there plus k ?"; the source has one shape more or fewer.
     """
     if task not in SWAP_TASKS:
-        raise ValueError(f"Unknown swap task {task!r}; known: {', '.join(SWAP_TASKS)}.")
+        raise InputError(f"Unknown swap task {task!r}; known: {', '.join(SWAP_TASKS)}.")
     while True:
         target = random_scene(rng, grid=scenes.grid, min_shapes=scenes.min_shapes, max_shapes=scenes.max_shapes)
         made = _swap_edit(rng, task, target, scenes)

@@ -25,6 +25,8 @@ from typing import Literal, Union
 
 import numpy as np
 
+from ..errors import InputError
+
 Operator = Literal["plus", "minus", "more"]
 #: An operand: a literal number, or a reference to a count read (``"read0"``) or a step's result (``"step0"``).
 Operand = Union[int, str]
@@ -82,7 +84,7 @@ class Working:
 
     def __post_init__(self) -> None:
         if not self.steps:
-            raise ValueError("A working needs at least one step.")
+            raise InputError("A working needs at least one step.")
 
     def solve(self, *, reads: tuple[int, ...] | None = None, slip: tuple[int, int] | None = None) -> list[int | bool]:
         """Every step's result, from the true counts or from ``reads``; ``slip=(i, delta)``

@@ -627,13 +627,35 @@ def _fix_zero_init(family: str, model: PreTrainedModel, generator: torch.Generat
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
-def tiny_vlm(family: str = "qwen2_5_vl", *, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes: Any) -> TinyVLM:
+def _merged(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``updates`` applied, nested dicts (``text_config``, ...) merged key by key."""
+    out = dict(base)
+    for key, value in updates.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny_vlm(
+    family: str = "qwen2_5_vl",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    config_updates: dict[str, Any] | None = None,
+    **sizes: Any,
+) -> TinyVLM:
     """Build a random tiny model of ``family`` with a real processor, offline.
 
     Args:
         family: one of :data:`FAMILIES`.
         seed: weights are a deterministic function of the seed and the sizes.
         dtype: parameter dtype.
+        device: build the parameters directly there, in ``dtype`` (a model at real dimensions
+            on a GPU: no float32 copy in host memory); default: built on the CPU in float32,
+            then cast.
+        config_updates: values merged into the config the recipe writes (nested dicts such as
+            ``text_config`` key by key), e.g. a published checkpoint's ``vocab_size`` or
+            ``rope_parameters``.
         **sizes: overrides of :class:`Sizes` (``d_model``, ``n_layers``, ``image_size``, ...).
 
     Returns:
@@ -652,16 +674,37 @@ def tiny_vlm(family: str = "qwen2_5_vl", *, seed: int = 0, dtype: torch.dtype = 
     )
     tok = processor.tokenizer  # some processors add tokens to it
     vocab = len(tok)
-    config = getattr(transformers, recipe.config_cls)(**recipe.config(size, vocab, tok))
+    values = _merged(recipe.config(size, vocab, tok), config_updates or {})
+    config = getattr(transformers, recipe.config_cls)(**values)
     config._attn_implementation = "sdpa"
     generator = torch.Generator().manual_seed(seed)
-    with _seeded(seed):
+    with _seeded(seed), _building(device, dtype):
         model = getattr(transformers, recipe.model_cls)(config)
     _fix_zero_init(family, model, generator)
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return TinyVLM(family=family, model=model, processor=processor, sizes=size, seed=seed)
+
+
+class _building:
+    """Inside the block new parameters are created on ``device`` in ``dtype`` (nothing changes
+    when ``device`` is None); the default dtype is restored on exit."""
+
+    def __init__(self, device: str | torch.device | None, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+
+    def __enter__(self) -> None:
+        if self.device is not None:
+            self.default = torch.get_default_dtype()
+            self.context = torch.device(self.device)
+            self.context.__enter__()
+            torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device is not None:
+            torch.set_default_dtype(self.default)
+            self.context.__exit__(*exc)
 
 
 class _seeded:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointMismatchError, MergePlanError
+from ..errors import CheckpointMismatchError, InputError, MergePlanError
 from ..io import atomic_directory, atomic_file, atomic_write_json, atomic_write_text
+from .compare import NonFiniteWeightsWarning
 from .plans import MergePlan, Rule
 from .reader import Checkpoint, open_checkpoint
 from .regions import Cuts
@@ -201,15 +204,24 @@ def splice(
 # ----------------------------------------------------------------------------- writer
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    text = size.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?\s*", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str, what: str = "max_shard_size") -> int:
+    """``2GB``, ``500MB``, ``1GiB`` or a byte count -> bytes (:class:`InputError` otherwise)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.fullmatch(str(size))
+        if not match:
+            raise InputError(f"{what} {size!r} is not a size; use e.g. 2GB, 500MB or a number of bytes.")
+        value = int(float(match[1]) * _UNITS[(match[2] or "B").upper()])
+    if value < 1:
+        raise InputError(f"{what} must be positive; got {size!r}.")
+    return value
+
+
 
 
 def _non_weight_files(directory: Path) -> list[Path]:
@@ -238,6 +250,7 @@ def write_merge(
     host's headers, and each tensor is written as it is computed, so memory holds one tensor
     (and the inputs it is combined from), not a shard.
     """
+    limit = parse_size(max_shard_size)
     opened = open_all(checkpoints)
     decided = list(iter_plan(plan, opened))  # validates before any write
     host = opened[plan.host]
@@ -247,7 +260,6 @@ def write_merge(
         if out == source or source in out.parents:
             raise MergePlanError(f"Refusing to write the merge into the input checkpoint {name} ({source}); "
                                  "choose an output directory outside every input.")
-    limit = _parse_size(max_shard_size)
     shards: list[list[tuple[str, Rule | None]]] = [[]]
     size = 0
     for name, rule in decided:  # the layout of every shard is known before any tensor is read
@@ -261,6 +273,7 @@ def write_merge(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
         changed: dict[str, str] = {}
+        nonfinite: list[str] = []
         bar = tqdm(total=len(decided), desc=f"writing {plan.name or 'merge'}", disable=not progress, unit="tensor")
         for file, shard in zip(names, shards):
             by_stored = {host.tensors[name].stored_name: (name, rule) for name, rule in shard}
@@ -275,6 +288,9 @@ def write_merge(
                         value = host.tensor(name)
                     else:
                         changed[name] = rule.method  # type: ignore[union-attr]
+                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        nonfinite.append(f"{name} has {int(torch.isnan(value).sum())} NaN and "
+                                         f"{int(torch.isinf(value).sum())} Inf")
                     writer.write(stored, value)
                     weight_map[stored] = file
                     bar.update(1)
@@ -294,6 +310,11 @@ def write_merge(
             "vlm_probe": _version(),
         })
         _verify_written(tmp, host)
+    if nonfinite:
+        warnings.warn(
+            f"The merge in {out} holds NaN or Inf in {len(nonfinite)} tensor(s) (from its inputs): "
+            f"{'; '.join(nonfinite[:3])}. A model loaded from it gives NaN outputs; check the inputs with "
+            "vlm-probe weights.", NonFiniteWeightsWarning, stacklevel=2)
     return out
 
 

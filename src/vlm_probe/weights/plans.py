@@ -127,7 +127,7 @@ class MergePlan:
         try:
             rules = tuple(Rule(**{**rule, "regions": tuple(rule["regions"])}) for rule in data.get("rules", []))
             return cls(host=data["host"], rules=rules, cuts=data.get("cuts"), name=data.get("name", ""))
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, AttributeError) as error:
             raise MergePlanError(f"Not a merge plan ({error}); expected host:, rules: [{{regions, source, method, "
                                  "alpha, base}}], optional cuts: and name:.") from error
 
@@ -136,7 +136,11 @@ class MergePlan:
 
     @classmethod
     def from_yaml(cls, text: str) -> MergePlan:
-        return cls.from_dict(yaml.safe_load(text) or {})
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise MergePlanError(f"The plan is not valid YAML: {' '.join(str(error).split())}.") from error
+        return cls.from_dict(data or {})
 
 
 # ----------------------------------------------------------------------------- presets

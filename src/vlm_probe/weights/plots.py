@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from ..errors import InputError
 from .regions import REGIONS
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ def _color(i: int) -> str:
 def _layer_traces(result: WeightComparison, metric: str) -> list[go.Scatter]:
     table = result.by_layer()
     if metric not in table:
-        raise ValueError(f"metric must be a column of by_layer() ({', '.join(table.columns)}), got {metric!r}.")
+        raise InputError(f"metric must be a column of by_layer() ({', '.join(table.columns)}), got {metric!r}.")
     table = table[table["layer"].notna()]
     traces = []
     for i, step in enumerate(result.steps):

@@ -27,7 +27,7 @@ import torch
 
 from ..arch import FamilySpec, Location, Region, get_spec
 from ..arch.regions import vision_depths_from_names
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError, MissingShardError, UnsafeCheckpointError
 
 __all__ = [
     "Checkpoint",
@@ -37,14 +37,6 @@ __all__ = [
     "open_checkpoint",
     "resolve_checkpoint_dir",
 ]
-
-
-class MissingShardError(CheckpointError):
-    """A sharded checkpoint whose index (or numbering) names shard files that are not there."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A safetensors file whose header or index does not describe its contents."""
 
 
 #: safetensors dtype codes -> torch dtypes

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from ..io import atomic_file, atomic_write_json
 from ..results import Result
 from .regions import REGIONS
@@ -226,7 +227,7 @@ class WeightComparison(Result):
             "spectra": plots.component_spectra,
         }
         if view not in views:
-            raise ValueError(f"view must be one of {sorted(views)}, got {view!r}.")
+            raise InputError(f"view must be one of {sorted(views)}, got {view!r}.")
         if view in ("overview", "layers"):
             kwargs["metric"] = metric
         return views[view](self, **kwargs)
