@@ -31,7 +31,7 @@ docs: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mkdocs build --strict
 
 # every benchmark, about 40 min on 2 cores; weight_deltas and merge need about 9 GB in /tmp
-BENCHMARKS := tracing_overhead memory_soak patching_sweep vision_swap attention_mass attribution weight_deltas merge testbed_build analyze_job
+BENCHMARKS := tracing_overhead memory_soak patching_sweep vision_swap attention_mass attribution weight_deltas spectra merge testbed_build analyze_job
 
 bench: $(STAMP)
 	for b in $(BENCHMARKS); do echo "== $$b"; HF_HUB_OFFLINE=1 $(PY) benchmarks/$$b.py || exit 1; done

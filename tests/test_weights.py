@@ -182,7 +182,8 @@ def test_every_metric_matches_numpy(chain, exact_result) -> None:
         np.testing.assert_allclose(mats[column], mats[f"{column}_np"], rtol=1e-4, err_msg=column)
     for got, exp in zip(mats["spectrum"], mats["spectrum_np"]):
         np.testing.assert_allclose(np.asarray(got), exp, rtol=1e-4, atol=1e-6)
-    assert set(mats["svd_mode"]) == {"exact"} and (mats["svd_error_bound"] == 0).all()
+    assert set(mats["svd_mode"]) == {"exact"}
+    assert ((mats["svd_error_bound"] > 0) & (mats["svd_error_bound"] < 1e-6 * mats["frob"])).all()
     second = merged[merged["step"] == "IN->RL"]
     np.testing.assert_allclose(second["dot_prev"], second["dot_prev_np"], rtol=2e-5, atol=1e-9)
     assert (second["n_sign_agree"] == second["n_sign_agree_np"]).all()

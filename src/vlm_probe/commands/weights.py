@@ -13,7 +13,7 @@ from ..io import atomic_write_text
 from .common import check_out, parse_cuts, positive_int
 
 EXAMPLE = """example:
-  vlm-probe weights ckpt/base ckpt/in ckpt/rl --cuts 8,20 --svd randomized --top-k 50 --out runs/weights
+  vlm-probe weights ckpt/base ckpt/in ckpt/rl --cuts 8,20 --top-k 50 --out runs/weights
   vlm-probe weights ckpt/in ckpt/rl --names IN,RL --svd none      # norms only: fast
 
 writes DIR/weights.parquet (one row per tensor and step), DIR/weights.json (with per-region
@@ -41,9 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--cuts", help="0-based decoder indices where the mid and late regions start, e.g. 8,20 "
                         "(default: N//3,2N//3)")
     parser.add_argument("--svd", choices=("auto", "exact", "randomized", "none"), default="auto",
-                        help="spectra: exact, randomized top-k with an error bound, auto (by size), none (norms only)")
+                        help="spectra: auto / exact (every singular value, float64 Gram eigenvalues), randomized (top-k "
+                             "with an error bound; marked, kept out of aggregate means), none (norms only)")
     parser.add_argument("--top-k", type=positive_int, default=50, help="singular values/vectors kept per delta")
-    parser.add_argument("--device", default="auto", help="where SVDs run: auto (CUDA when present), cpu, cuda, ...")
+    parser.add_argument("--device", default="auto", help="where spectra run: auto (CUDA when present), cpu, cuda, ...")
     parser.add_argument("--include", metavar="REGEX", help="only tensors whose module-path name matches "
                         "(default: every tensor)")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle-only checkpoints (trusted only)")

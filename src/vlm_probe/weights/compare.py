@@ -5,8 +5,9 @@
     result.plot()               # per-layer curves, shares by region, spectra by component
 
 Every tensor is read once, chunk by chunk, from all checkpoints together (memory: a few
-chunks, whatever the model size); spectra re-read one delta at a time right after its norms,
-while its pages are still in the OS cache.
+chunks, whatever the model size); exact spectra re-read the tensor right after its norms, while
+its pages are still in the OS cache, into one float64 Gram matrix per step, diagonalised with the
+other steps (and on a GPU other tensors) of the same Gram size.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .deltas import NormKernel, TensorNorms, finish_norms
 from .reader import Checkpoint, TensorEntry, open_checkpoint
 from .regions import Cuts, layer_label, region_of
 from .result import WeightComparison
-from .spectra import SVDConfig, Spectrum, delta_spectrum, overlaps, spectral_metrics
+from .spectra import GramSpectra, SVDConfig, Spectrum, delta_spectrum, overlaps, spectral_metrics
 from .streaming import stream
 
 __all__ = ["NonFiniteWeightsWarning", "compare_weights", "open_checkpoints"]
@@ -136,7 +137,8 @@ def compare_weights(
             (cosine, sign agreement, subspace overlap).
         cuts: where the LLM's mid and late regions start, as 0-based decoder indices
             (``(8, 20)`` or ``"8,20"``); default thirds.
-        svd: ``"auto"``, ``"exact"``, ``"randomized"`` or ``"none"`` (norms only), or an
+        svd: ``"auto"`` or ``"exact"`` (every singular value), ``"randomized"`` (top-k, marked and kept out
+            of aggregate means) or ``"none"`` (norms only), or an
             :class:`~vlm_probe.weights.SVDConfig`.
         top_k: singular values and vectors kept per delta (when ``svd`` is a mode name).
         include: regular expression on module-path tensor names; only matching tensors are compared.
@@ -187,9 +189,22 @@ def compare_weights(
     local_steps = [(position[a], position[b]) for a, b in step_idx]
     local_names = [names[i] for i in used]
     jobs = [[(ckpts[i], ckpts[i].tensors[n]) for i in used] for n in compared]
+    in_pairs = {i for pair in pairs for i in pair}
     kernel = NormKernel(len(used), local_steps, pairs)
     bytes_per_element = [sum(e.itemsize for _, e in job) for job in jobs]
-    rows: list[dict[str, Any]] = []
+    rows_of: dict[int, list[dict[str, Any]]] = {}
+    waiting: dict[int, tuple[TensorNorms, list[Spectrum | None]]] = {}
+    exact = GramSpectra(config.top_k, config.resolved_device(), config.resolved_batch_bytes(),
+                        max(chunk_elements, 1 << 22))
+
+    def finish(done: list[tuple[object, dict[int, Spectrum]]]) -> None:
+        for key, found in done:
+            index = int(key)  # type: ignore[call-overload]  # the tensor's position, given to exact.add
+            norms, spectra = waiting.pop(index)
+            for s, spectrum in found.items():
+                spectra[s] = spectrum
+            rows_of[index] = _rows(jobs[index], norms, spectra, local_names, local_steps, pairs, cut, config)
+
     nonfinite_notes: list[str] = []
     acc: TensorNorms | None = None
     progress = tqdm(
@@ -210,10 +225,16 @@ def compare_weights(
             if norms.nonfinite:
                 note = _nonfinite_note(norms, local_names)
                 nonfinite_notes.append(f"{compared[piece.job]}: {note}")
-            spectra = _spectra(job, norms, local_steps, pairs, config, chunk_elements)
-            rows.extend(_rows(job, norms, spectra, local_names, local_steps, pairs, cut, config))
+            spectra, exact_steps = _spectra(job, norms, local_steps, pairs, config, chunk_elements)
+            waiting[piece.job] = (norms, spectra)
+            finish(exact.add(
+                piece.job, job, [local_steps[s] for s in exact_steps], exact_steps,
+                [norms.delta_sq[s] for s in exact_steps], [config.vectors and s in in_pairs for s in exact_steps],
+            ))
+        finish(exact.flush())
     finally:
         progress.close()
+    rows = [row for index in sorted(rows_of) for row in rows_of[index]]
 
     if nonfinite_notes:
         warnings.warn(
@@ -261,21 +282,26 @@ def _spectra(
     pairs: Sequence[tuple[int, int]],
     config: SVDConfig,
     chunk_elements: int,
-) -> list[Spectrum | None]:
+) -> tuple[list[Spectrum | None], list[int]]:
+    """Randomized spectra of one tensor's steps, computed now, and the steps left for exact spectra."""
     entry = job[0][1]
     out: list[Spectrum | None] = [None] * len(steps)
+    exact: list[int] = []
     if config.mode == "none" or len(entry.shape) < 2:
-        return out
+        return out, exact
     in_pairs = {i for pair in pairs for i in pair}
     for s, (a, b) in enumerate(steps):
         if a in norms.nonfinite or b in norms.nonfinite or norms.delta_sq[s] == 0.0:
             continue
+        if config.method(entry.matrix_shape) == "exact":
+            exact.append(s)
+            continue
         generator = torch.Generator().manual_seed(config.seed + zlib.crc32(f"{entry.name}|{s}".encode()))
         out[s] = delta_spectrum(
-            job[a], job[b], norms.delta_sq[s], config, vectors=s in in_pairs, generator=generator,
-            chunk_elements=max(chunk_elements, 1 << 22),
+            job[a], job[b], norms.delta_sq[s], config, vectors=config.vectors and s in in_pairs,
+            generator=generator, chunk_elements=max(chunk_elements, 1 << 22),
         )
-    return out
+    return out, exact
 
 
 def _rows(
@@ -327,9 +353,11 @@ def _rows(
         spectrum = spectra[s]
         if spectrum is not None:
             metrics = spectral_metrics(spectrum.values, energy, config.top_k)
+            whole = spectrum.complete  # a truncated spectrum has no effective rank
             row.update(
-                spectral_norm=metrics.spectral_norm, stable_rank=metrics.stable_rank, erank_s=metrics.erank_s,
-                erank_s2=metrics.erank_s2, topk_energy=metrics.topk_energy, spectrum=metrics.spectrum,
+                spectral_norm=metrics.spectral_norm, stable_rank=metrics.stable_rank,
+                erank_s=metrics.erank_s if whole else nan, erank_s2=metrics.erank_s2 if whole else nan,
+                topk_energy=metrics.topk_energy, spectrum=metrics.spectrum,
                 svd_mode=spectrum.method, svd_k=int(spectrum.values.numel()), svd_error_bound=spectrum.error_bound,
             )
         else:

@@ -94,17 +94,21 @@ def _spectrum_traces(result: WeightComparison) -> list[go.Scatter]:
     traces = []
     dashes = ["solid", "dash", "dot", "dashdot", "longdash"]
     for i, step in enumerate(result.steps):
-        rows = frame[frame["step"] == step]
-        for j, (component, group) in enumerate(rows.groupby("component", sort=True)):
+        rows = frame[frame["step"] == step].assign(_approx=frame["svd_mode"] == "randomized")
+        colors = {c: j for j, c in enumerate(sorted(rows["component"].unique()))}
+        for (component, approx), group in rows.groupby(["component", "_approx"], sort=True):
+            j = colors[component]
+            label = f"{component} (randomized top-k)" if approx else component  # never averaged with exact ones
             length = max(len(s) for s in group["spectrum"])
             stack = np.full((len(group), length), np.nan)
             for r, values in enumerate(group["spectrum"]):
                 stack[r, : len(values)] = np.asarray(values, dtype=float)
             mean = np.nanmean(stack, axis=0)
             traces.append(go.Scatter(
-                x=np.arange(1, length + 1), y=mean, mode="lines", name=f"{step} {component}",
+                x=np.arange(1, length + 1), y=mean, mode="lines", name=f"{step} {label}",
                 legendgroup=step, showlegend=False, line={"color": _COLORS[j % len(_COLORS)], "dash": dashes[i % 5]},
-                hovertemplate=f"{step} {component} " + "s_%{x}/s_1 = %{y:.3g}<extra></extra>",
+                opacity=0.5 if approx else 1.0,
+                hovertemplate=f"{step} {label} " + "s_%{x}/s_1 = %{y:.3g}<extra></extra>",
             ))
     return traces
 

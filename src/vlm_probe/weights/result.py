@@ -4,7 +4,9 @@ One row per tensor and step. Aggregates (per layer, component, region, or any mi
 re-aggregations of the per-tensor sums: energies add, a group's relative norm is
 ``sqrt(sum energy / sum ||W||^2)``, its cosine is ``sum <D_s, D_t> / sqrt(sum E_s * sum E_t)`` (the
 cosine of the concatenated update), its sign agreement a ratio of counts. Rows whose tensors hold
-NaN/Inf are counted (``n_nonfinite``) and left out of every sum.
+NaN/Inf are counted (``n_nonfinite``) and left out of every sum. Spectral means average exact
+spectra only: rows of a randomized (top-k) spectrum are counted (``n_spectra_approx``) and left out,
+so an aggregate never mixes exact and approximate values.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ class WeightComparison(Result):
     * Spectra (matrices; tensors of 3+ dims as ``[dim0, rest]``): ``spectral_norm`` s_1, ``stable_rank``
       ||D||_F^2 / s_1^2, ``erank_s`` / ``erank_s2`` (exp of the entropy of s / sum s and of
       s^2 / sum s^2), ``topk_energy`` (top-k share of ||D||_F^2), ``spectrum`` (top-k s_i / s_1),
-      ``svd_mode`` (exact, randomized, zero, none), ``svd_k`` (values behind these metrics; in
-      randomized mode the effective ranks are those of the top-k truncation), ``svd_error_bound``
-      (absolute bound on each singular value; 0 for exact).
+      ``svd_mode`` (exact, randomized, zero, none), ``svd_k`` (values behind these metrics),
+      ``svd_error_bound`` (bound on ``|computed - true|`` of every singular value: float64 Gram
+      rounding for exact, the residual bound for randomized). Randomized rows are approximate: their
+      effective ranks are NaN (a top-k truncation has none) and aggregate means leave them out.
     * Against the previous step ``prev_step`` (same tensor): ``dot_prev``, ``cosine_prev``,
       ``sign_agree_prev`` (share of entries changed by both that moved the same way;
       ``n_sign_agree`` / ``n_changed_both``), ``overlap_left_prev`` / ``overlap_right_prev`` (mean
@@ -94,9 +97,10 @@ class WeightComparison(Result):
                 ``"component"``, ``"region"``, or a list of frame columns (e.g. ``["region", "component"]``).
 
         Returns:
-            One row per step x group: ``n_tensors``, ``n_nonfinite``, ``energy``, ``frob``,
-            ``weight_norm``, ``rel_norm``, ``energy_share``, ``cosine_prev``, ``sign_agree_prev``, and the
-            means over matrices of ``stable_rank``, ``erank_s``, ``erank_s2``, ``topk_energy``,
+            One row per step x group: ``n_tensors``, ``n_nonfinite``, ``n_spectra_approx`` (randomized
+            rows, left out of the means), ``energy``, ``frob``, ``weight_norm``, ``rel_norm``,
+            ``energy_share``, ``cosine_prev``, ``sign_agree_prev``, and the means over matrices with
+            exact spectra of ``stable_rank``, ``erank_s``, ``erank_s2``, ``topk_energy``,
             ``overlap_left_prev``, ``overlap_right_prev`` (suffix ``_mean``).
         """
         keys = ["label"] if by == "layer" else [by] if isinstance(by, str) else list(by)
@@ -115,13 +119,15 @@ class WeightComparison(Result):
             "_ce": frame["energy"].where(pair, 0.0),
             "_agree": frame["n_sign_agree"].where(pair, 0),
             "_changed": frame["n_changed_both"].where(pair, 0),
-            **{f"{c}_mean": frame[c].where(valid) for c in _SPECTRAL_MEANS},
+            "_approx": valid & (frame["svd_mode"] == "randomized"),
+            **{f"{c}_mean": frame[c].where(valid & (frame["svd_mode"] == "exact")) for c in _SPECTRAL_MEANS},
             "layer": frame["layer"], "region": frame["region"], "step": frame["step"],
             **{k: frame[k] for k in keys if k not in ("layer", "region", "step")},
         })
         grouped = work.groupby(["step", *keys], sort=False, dropna=False)
         table = grouped.agg(
-            n_tensors=("_nf", "size"), n_nonfinite=("_nf", "sum"), energy=("_e", "sum"), _w=("_w", "sum"),
+            n_tensors=("_nf", "size"), n_nonfinite=("_nf", "sum"), n_spectra_approx=("_approx", "sum"),
+            energy=("_e", "sum"), _w=("_w", "sum"),
             _dot=("_dot", "sum"), _pe=("_pe", "sum"), _ce=("_ce", "sum"), _agree=("_agree", "sum"),
             _changed=("_changed", "sum"), **{f"{c}_mean": (f"{c}_mean", "mean") for c in _SPECTRAL_MEANS},
             **({"layer": ("layer", "first"), "region": ("region", "first")} if by == "layer" else {}),
@@ -134,8 +140,9 @@ class WeightComparison(Result):
         table["cosine_prev"] = table["_dot"] / np.sqrt((table["_pe"] * table["_ce"]).where(lambda x: x > 0))
         table["sign_agree_prev"] = table["_agree"] / table["_changed"].where(table["_changed"] > 0)
         table["n_nonfinite"] = table["n_nonfinite"].astype("int64")
+        table["n_spectra_approx"] = table["n_spectra_approx"].astype("int64")
         front = ["step", *keys] + (["layer", "region"] if by == "layer" else [])
-        stats = ["n_tensors", "n_nonfinite", "energy", "frob", "weight_norm", "rel_norm", "energy_share",
+        stats = ["n_tensors", "n_nonfinite", "n_spectra_approx", "energy", "frob", "weight_norm", "rel_norm", "energy_share",
                  "cosine_prev", "sign_agree_prev", *(f"{c}_mean" for c in _SPECTRAL_MEANS)]
         table = table[front + [c for c in stats if c not in front]]
         if by == "layer":
@@ -171,6 +178,8 @@ class WeightComparison(Result):
             columns.append("stable_rank_mean")
         if table["n_nonfinite"].any():
             columns.append("n_nonfinite")
+        if table["n_spectra_approx"].any():
+            columns.append("n_spectra_approx")
         return table[columns]
 
     # ------------------------------------------------------------------ exports
