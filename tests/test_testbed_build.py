@@ -67,15 +67,17 @@ def in_model(testbed):
     return model, processor, Encoder(model, processor, vlm_probe.arch.get_spec(model.config))
 
 
-def test_same_seed_same_weights(testbed, tmp_path) -> None:
-    again = build_testbed(reduced=True, quiet=True, cache_dir=tmp_path)
+@pytest.mark.parametrize("which", ["testbed", "qwen_testbed"])
+def test_same_seed_same_weights(which, request, tmp_path) -> None:
+    testbed = request.getfixturevalue(which)
+    again = build_testbed(testbed.recipe, quiet=True, cache_dir=tmp_path, variants=())
     assert again.path.name == testbed.path.name
     for stage in ("Base", "IN", "RL"):
         a, b = tensors(testbed.checkpoint(stage)), tensors(again.checkpoint(stage))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), stage
     assert (again.data / "swap.jsonl").read_bytes() == (testbed.data / "swap.jsonl").read_bytes()
-    other = build_testbed(Recipe.reduced_size(seed=1), quiet=True, cache_dir=tmp_path)
+    other = build_testbed(testbed.recipe.replace(seed=1), quiet=True, cache_dir=tmp_path, variants=())
     a, b = tensors(testbed.checkpoint("Base")), tensors(other.checkpoint("Base"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
