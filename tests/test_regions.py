@@ -30,7 +30,8 @@ def test_cuts_make(cuts, n, expected) -> None:
 @pytest.mark.parametrize("cuts, n, message", [
     ("9,x", 28, "two integers"), ((9,), 28, "two decoder indices"), ((1, 2, 3), 28, "two decoder indices"),
     ((0, 5), 28, "non-empty parts"), ((5, 5), 28, "non-empty parts"), ((5, 28), 28, "non-empty parts"),
-    ((2, 2), 3, "do not split"),
+    ((2, 2), 3, "do not split"), ("9,40", 28, "non-empty parts"), ("0,5", 28, "after layer 0"),
+    ("9;18", 28, "two integers"), ("9,18,20", 28, "two integers"),
 ])
 def test_bad_cuts_raise_one_error_class(cuts, n, message) -> None:
     with pytest.raises(RegionError, match=message) as info:

@@ -46,6 +46,22 @@ REGION_NAMES: tuple[str, ...] = ("vision", "projector", "embed", "early", "mid",
 _LAYERS = re.compile(r"^layers:(\d+)(?:-(\d+))?$")
 
 
+def parse_cuts(text: str) -> tuple[int, int]:
+    """``"8,20"`` (or ``"8/20"``) -> ``(8, 20)``: where the mid and late parts start, 0-based and
+    increasing, the first after layer 0 (the upper bound needs the model: :meth:`Cuts.make`).
+
+    Raises:
+        RegionError: not two whole numbers, or not ``0 < mid < late``.
+    """
+    parts = [part.strip() for part in text.replace("/", ",").split(",") if part.strip()]
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise RegionError(f"cuts must be two integers like 9,18 (0-based decoder layers), got {text!r}.")
+    mid, late = int(parts[0]), int(parts[1])
+    if not 0 < mid < late:
+        raise RegionError(f"cuts {text!r}: the mid part must start after layer 0 and before the late one, e.g. 9,18.")
+    return mid, late
+
+
 @dataclass(frozen=True)
 class Cuts:
     """Where the LLM's mid and late parts start (0-based decoder indices) in an ``n_layers`` decoder."""
@@ -69,10 +85,7 @@ class Cuts:
                 return cls(min(1, n_layers), min(2, n_layers), n_layers)
             return cls(n_layers // 3, 2 * n_layers // 3, n_layers)
         if isinstance(cuts, str):
-            try:
-                cuts = [int(part) for part in cuts.replace("/", ",").split(",") if part.strip()]
-            except ValueError as error:
-                raise RegionError(f"cuts must be two integers like '8,20', got {cuts!r}.") from error
+            cuts = parse_cuts(cuts)
         values = list(cuts)
         if len(values) != 2:
             raise RegionError(f"cuts must be two decoder indices (where mid and late start), got {values}.")

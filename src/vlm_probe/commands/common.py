@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..arch import regions
+from ..errors import InputError, RegionError
 from ..io import atomic_write_text, check_writable_dir
 
 
@@ -114,17 +115,14 @@ def parse_layers(text: str | None, flag: str = "--layers") -> list[int] | None:
     return layers
 
 
-def parse_cuts(text: str | None, flag: str = "--cuts") -> tuple[int, ...] | None:
-    """``"9,18"`` -> ``(9, 18)``: two increasing 0-based decoder indices."""
+def parse_cuts(text: str | None, flag: str = "--cuts") -> tuple[int, int] | None:
+    """``"9,18"`` -> ``(9, 18)`` (:func:`vlm_probe.arch.regions.parse_cuts`), the error naming ``flag``."""
     if text is None:
         return None
-    parts = [p.strip() for p in text.replace("/", ",").split(",") if p.strip()]
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise InputError(f"{flag} {text!r}: cuts must be two integers like 9,18 (0-based decoder layers).")
-    cuts = (int(parts[0]), int(parts[1]))
-    if not 0 < cuts[0] < cuts[1]:
-        raise InputError(f"{flag} {text!r}: the mid third must start after layer 0 and before the late one, e.g. 9,18.")
-    return cuts
+    try:
+        return regions.parse_cuts(text)
+    except RegionError as error:
+        raise InputError(f"{flag}: {error}") from None
 
 
 def positive_int(text: str) -> int:
