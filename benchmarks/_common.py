@@ -35,3 +35,16 @@ def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def full_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory in memory at once: how the published
+    scripts read checkpoints (the baseline the streaming readers are measured against)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(file))
+    return state

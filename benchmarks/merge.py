@@ -63,15 +63,10 @@ def copy_floor(job: dict) -> None:
 
 def published(job: dict) -> None:
     """Both state dicts whole, the mid layers' tensors from RL, sharded save_file."""
-    from safetensors.torch import load_file, save_file
+    from _common import full_state_dict
+    from safetensors.torch import save_file
 
-    def state(path: str) -> dict:
-        out = {}
-        for file in sorted(Path(path).glob("*.safetensors")):
-            out.update(load_file(file))
-        return out
-
-    host, donor = state(job["IN"]), state(job["RL"])
+    host, donor = full_state_dict(job["IN"]), full_state_dict(job["RL"])
     lo, hi = job["cuts"]
     merged = {k: donor[k] if k.startswith("model.layers.") and lo <= int(k.split(".")[2]) < hi else v
               for k, v in host.items()}

@@ -42,14 +42,9 @@ TOP_K = 50
 def published(paths: dict[str, str]) -> dict[str, dict]:
     """The published script's approach; metrics per ``stored name|step``."""
     import torch
-    from safetensors.torch import load_file
+    from _common import full_state_dict
 
-    models = []
-    for path in paths.values():
-        state = {}
-        for file in sorted(Path(path).glob("*.safetensors")):
-            state.update(load_file(file))
-        models.append(state)
+    models = [full_state_dict(path) for path in paths.values()]
     names = list(paths)
     out = {}
     for key in models[0]:

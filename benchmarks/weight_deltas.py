@@ -225,14 +225,9 @@ def run_variant(variant: str, paths: dict[str, str]) -> dict:
 def published(paths: dict[str, str]) -> None:
     """Three full state dicts in memory, fp16 deltas, norms per tensor (the published script's approach)."""
     import torch
-    from safetensors.torch import load_file
+    from _common import full_state_dict
 
-    models = []
-    for path in paths.values():
-        state = {}
-        for file in sorted(Path(path).glob("*.safetensors")):
-            state.update(load_file(file))
-        models.append(state)
+    models = [full_state_dict(path) for path in paths.values()]
     base, inn, rl = models
     rows = []
     for key in base:
