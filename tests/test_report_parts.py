@@ -178,3 +178,21 @@ def test_answer_first_claims_no_move_without_a_swap_signal() -> None:
     claims = judge(tables, cuts=Cuts.make(None, 4), params=ClaimParameters(n_resamples=50))
     sentence = answer_first(tables, claims, Cuts.make(None, 4))[-1]
     assert "too few answers" in sentence and "moves" not in sentence and "stays" not in sentence
+
+
+def test_prompt_sections_skip_without_their_prompts_and_record_their_sample(tmp_path) -> None:
+    from vlm_probe.report.pipeline import Options, Pipeline, SectionRecord, Skip
+
+    rows = [{"id": f"t{i}", "question": f"what is {i} plus 1 ?", "answer": str(i + 1), "category": "text"}
+            for i in range(5)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pipeline = Pipeline(Inputs({}, find_data(tmp_path), None, {}, tmp_path), tmp_path / "out", Options(samples=3))
+    record = SectionRecord("attention", "Attention")
+    with pytest.raises(Skip, match="Attention on the image needs prompts with images") as info:
+        pipeline.section_prompts(record, "Attention on the image", images=True)
+    assert "VQA items" in info.value.enable and record.samples == []
+    record = SectionRecord("lens", "Lens")
+    requests = pipeline.section_prompts(record, "The logit lens", images=False)
+    assert len(requests) == 3
+    assert all(any(row["question"] in r.prompt for row in rows) for r in requests)
+    assert record.samples and "n = 3 text items" in record.samples[0]

@@ -192,6 +192,18 @@ class Pipeline:
             described.append(self.described([r for k, _, r in pool if k == key], what, key))
         return requests, described
 
+    def section_prompts(self, rec: SectionRecord, what: str, *, images: bool) -> list[Any]:
+        """:meth:`prompts` for one section: its sample recorded in ``rec``; :class:`Skip` (naming
+        ``what`` the section is) when the data holds none."""
+        requests, described = self.prompts(self.options.samples, images=images)
+        if not requests:
+            if images:
+                raise Skip(f"{what} needs prompts with images; --data has none.",
+                           "--data with swap pairs or VQA items (images)")
+            raise Skip(f"{what} needs prompts; --data has none.", "--data with any data file")
+        rec.samples += described
+        return requests
+
     def batches(self, requests: list[Any]) -> Iterator[tuple[int, Any]]:
         """``(offset, batch)`` chunks of at most ``options.chunk`` prompts."""
         step = max(1, self.options.chunk)

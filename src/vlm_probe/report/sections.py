@@ -83,10 +83,7 @@ def cross_patching(p: Pipeline, rec: SectionRecord) -> None:
     from ..analyses import metrics as M
     from ..analyses.patching import PatchingResult
 
-    requests, described = p.prompts(p.options.samples, images=False)
-    if not requests:
-        raise Skip("Cross-checkpoint patching needs prompts; --data has none.", "--data with any data file")
-    rec.samples += described
+    requests = p.section_prompts(rec, "Cross-checkpoint patching", images=False)
     frames = []
     for offset, batch in p.batches(requests):
         # KL(RL || patched IN) and the reverse, per prompt and layer: the claims and the curves
@@ -107,11 +104,7 @@ def attention(p: Pipeline, rec: SectionRecord) -> None:
     from ..analyses.attention_mass import AttentionMassResult, attention_mass, token_attention
     from ..analyses.overlay import overlay_checkpoints
 
-    requests, described = p.prompts(p.options.samples, images=True)
-    if not requests:
-        raise Skip("Attention on the image needs prompts with images; --data has none.",
-                   "--data with swap pairs or VQA items (images)")
-    rec.samples += described
+    requests = p.section_prompts(rec, "Attention on the image", images=True)
     frames, first = [], None
     for offset, batch in p.batches(requests):
         result = attention_mass(p.models, batch, queries="generated", keys="vision", max_new_tokens=p.max_new_tokens,
@@ -139,10 +132,7 @@ def attention(p: Pipeline, rec: SectionRecord) -> None:
 def lens(p: Pipeline, rec: SectionRecord) -> None:
     from ..analyses.lens import LensResult, logit_lens
 
-    requests, described = p.prompts(p.options.samples, images=False)
-    if not requests:
-        raise Skip("The logit lens needs prompts; --data has none.", "--data with any data file")
-    rec.samples += described
+    requests = p.section_prompts(rec, "The logit lens", images=False)
     frames = []
     for offset, batch in p.batches(requests):
         result = logit_lens(p.models, batch, positions="last", transfer=True, progress=False)
@@ -157,10 +147,7 @@ def drift(p: Pipeline, rec: SectionRecord) -> None:
     from ..analyses.drift import representation_drift
     from ..analyses.probes import probe_layers
 
-    requests, described = p.prompts(p.options.samples, images=False)
-    if not requests:
-        raise Skip("Representation drift needs prompts; --data has none.", "--data with any data file")
-    rec.samples += described
+    requests = p.section_prompts(rec, "Representation drift", images=False)
     batches = [batch for _, batch in p.batches(requests)]
     groups = ("vision", "question", "last") if any(r.images for r in requests) else ("question", "last")
     frames = [representation_drift(p.models, batch, groups=groups, progress=False).frame.assign(chunk=i,
