@@ -53,7 +53,8 @@ def step_times(family: str, threads: dict[str, int], repeats: int) -> dict[str, 
     from vlm_probe.arch import get_spec
 
     recipe = Recipe(family=family)
-    tiny = testbed_model(family, seed=0, sizes=recipe.model_sizes, init_gain=1.0, position_std=recipe.position_std)
+    tiny = testbed_model(family, seed=0, sizes=recipe.model_sizes, init_gain=1.0, position_std=recipe.position_std,
+                         position_layout=recipe.position_layout)
     model, encoder = tiny.model.train(), Encoder(tiny.model, tiny.processor, get_spec(tiny.model.config))
     stream, _ = stage_examples(recipe, "base", frozenset())
     batches = [[next(stream) for _ in range(recipe.base.batch_size)] for _ in range(4)]

@@ -507,3 +507,36 @@ def test_testbed_verdicts_equal_the_harness_verdicts(testbed) -> None:
             assert bool(row.correct) == ok, key
             checked += 1
     assert checked == len(items)
+
+
+def test_grid_position_codes_factorise_into_row_and_column() -> None:
+    """Every cell's code is row code + column code (scaled): moving one column changes the code
+    by the same vector in every row; the class token keeps its own draw; a non-square table is
+    refused; the LLaVA tower gets the grid, Qwen2.5-VL (no table) nothing."""
+    from vlm_probe.errors import InputError
+    from vlm_probe.testbed.factory import grid_positions, testbed_model
+
+    for n, offset in ((10, 1), (16, 0)):  # CLIP (class token + 3 x 3), SigLIP (4 x 4)
+        codes = grid_positions(n, 64, 2.0, torch.Generator().manual_seed(0))
+        side = math.isqrt(n - offset)
+        cells = codes[offset:].view(side, side, 64)
+        step = cells[:, 1:] - cells[:, :-1]  # column c -> c + 1, per row
+        assert torch.allclose(step, step[:1].expand_as(step), atol=1e-5)
+        down = cells[1:] - cells[:-1]
+        assert torch.allclose(down, down[:, :1].expand_as(down), atol=1e-5)
+        assert not torch.allclose(step[0, 0], torch.zeros(64))
+        assert 1.2 < float(codes.std()) < 2.8  # entries ~ N(0, std^2)
+    with pytest.raises(InputError, match="square patch grid"):
+        grid_positions(12, 8, 1.0, torch.Generator())
+    sizes = Recipe.reduced_size().model_sizes
+    llava = testbed_model("llava", seed=3, sizes=sizes, position_std=1.0, position_layout="grid")
+    table = llava.model.get_submodule("model.vision_tower.embeddings.position_embedding").weight
+    cells = table[1:].view(3, 3, -1)
+    assert torch.allclose(cells[:, 1] - cells[:, 0], (cells[:, 1] - cells[:, 0])[:1].expand(3, -1), atol=1e-5)
+    random = testbed_model("llava", seed=3, sizes=sizes, position_std=1.0, position_layout="random")
+    cells = random.model.get_submodule("model.vision_tower.embeddings.position_embedding").weight[1:]
+    cells = cells.view(3, 3, -1)
+    assert not torch.allclose(cells[:, 1] - cells[:, 0], (cells[:, 1] - cells[:, 0])[:1].expand(3, -1), atol=1e-3)
+    from vlm_probe.testbed.factory import vision_position_init
+    qwen = testbed_model("qwen2_5_vl", seed=3, sizes=sizes)
+    assert vision_position_init(qwen.model, 3, 1.0) == []

@@ -287,9 +287,9 @@ def check_trace(question: str, response: str, found: dict | None) -> list[str]:
         elif m := re.fullmatch(r"row (\d) column (\d) : (\w+) (\w+)", step):
             if found.get((int(m.group(1)), int(m.group(2)))) != (m.group(3), m.group(4)):
                 wrong.append(step)
-        elif m := re.fullmatch(r"(\w+) (\w+) : (row|column) (\d)", step):
+        elif m := re.fullmatch(r"(\w+) (\w+) : row (\d) column (\d)", step):
             cells = [cell for cell, kind in found.items() if kind == (m.group(1), m.group(2))]
-            if cells != [cells[0]] or str(cells[0][0 if m.group(3) == "row" else 1]) != m.group(4):
+            if cells != [(int(m.group(3)), int(m.group(4)))]:
                 wrong.append(step)
         else:  # counts read: "2 red shapes , 1 circle"
             for read in step.split(" , "):

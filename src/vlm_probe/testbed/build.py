@@ -249,7 +249,7 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool, variants: tuple[st
     with _timed(times, "total"):
         tiny = testbed_model(recipe.family, seed=recipe.stage_seed("init"), sizes=recipe.model_sizes,
                              rope_theta=recipe.rope_theta, init_gain=recipe.init_gain,
-                             position_std=recipe.position_std)
+                             position_std=recipe.position_std, position_layout=recipe.position_layout)
         model, processor = tiny.model, tiny.processor
         spec = get_spec(model.config)
         encoder = Encoder(model, processor, spec)

@@ -14,6 +14,11 @@ by at most 0.003 rad in the width section, so "row 2 column 3" is nearly invisib
 attention and cell-binding questions stay at chance for hundreds of steps. A small base
 (10) spreads the sections over 0.1-1 rad per position; sequences here stay under about 130
 tokens, so text positions remain distinguishable.
+
+Vision positions: a LLaVA tower's learned position table drawn at random gives every cell an
+unrelated code, so "which column" must be learned cell by cell (held-out `column_of` 0.53
+after 1600 Base steps). Factorised codes, row code plus column code (:func:`grid_positions`),
+let what is learned about one cell carry over to its row and column (0.85 after 800 steps).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import math
 from typing import Any
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from ..arch import get_spec
-from ..errors import SpecMismatchError
+from ..errors import InputError, SpecMismatchError
 from .zoo import Sizes, TinyVLM, tiny_vlm
 
 
@@ -64,10 +71,44 @@ def fan_in_init(model: torch.nn.Module, seed: int, gain: float = 1.0) -> None:
                 module.bias.zero_()
 
 
+#: How :func:`vision_position_init` lays out the re-drawn position embeddings.
+POSITION_LAYOUTS: tuple[str, ...] = ("grid", "random")
+
+
+def grid_positions(n_rows: int, d: int, std: float, generator: torch.Generator) -> Float[Tensor, "n_rows d"]:
+    """Factorised 2-D position codes for a square patch grid in row-major order: patch ``(r, c)``
+    gets ``(row[r] + column[c]) / sqrt(2)`` with ``row`` and ``column`` drawn from ``N(0, std^2)``
+    (so every entry has variance ``std^2``); a leading class-token row (``n_rows = g^2 + 1``) gets
+    its own draw."""
+    side = math.isqrt(n_rows)
+    has_cls = side * side != n_rows
+    if has_cls:
+        side = math.isqrt(n_rows - 1)
+        if side * side != n_rows - 1:
+            raise InputError(
+                f"A position table of {n_rows} rows is neither a square patch grid nor one plus a square grid; "
+                "use position_layout='random' for this tower."
+            )
+    rows = torch.randn(side, d, generator=generator) * std
+    columns = torch.randn(side, d, generator=generator) * std
+    index = torch.arange(side * side)
+    grid = (rows[index // side] + columns[index % side]) / math.sqrt(2)
+    if has_cls:
+        grid = torch.cat([torch.randn(1, d, generator=generator) * std, grid])
+    return grid
+
+
 @torch.no_grad()
-def vision_position_init(model: torch.nn.Module, seed: int, std: float) -> list[str]:
-    """Re-draw the vision tower's learned absolute position embeddings from ``N(0, std^2)``;
-    returns the names of the tables changed (none for towers without them, e.g. Qwen2.5-VL)."""
+def vision_position_init(model: torch.nn.Module, seed: int, std: float, layout: str = "grid") -> list[str]:
+    """Re-draw the vision tower's learned absolute position embeddings; returns the names of the
+    tables changed (none for towers without them, e.g. Qwen2.5-VL).
+
+    ``layout="random"`` draws every row from ``N(0, std^2)``; ``"grid"`` draws factorised row and
+    column codes (:func:`grid_positions`), so that what the model learns about one cell's row
+    or column carries over to the other cells of that row or column.
+    """
+    if layout not in POSITION_LAYOUTS:
+        raise InputError(f"Unknown position layout {layout!r}; use one of {', '.join(POSITION_LAYOUTS)}.")
     spec = get_spec(model.config)
     tower = spec.vision_blocks[0].rsplit(".", 2)[0] if spec.vision_blocks else None
     generator = torch.Generator().manual_seed(seed + 1)
@@ -75,7 +116,11 @@ def vision_position_init(model: torch.nn.Module, seed: int, std: float) -> list[
     for name, module in model.named_modules():
         inside = tower is not None and name.startswith(tower)
         if inside and isinstance(module, torch.nn.Embedding) and ("position" in name or "pos_embed" in name):
-            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+            shape = module.weight.shape
+            if layout == "grid":
+                module.weight.copy_(grid_positions(shape[0], shape[1], std, generator))
+            else:
+                module.weight.copy_(torch.randn(shape, generator=generator) * std)
             changed.append(name)
     return changed
 
@@ -88,6 +133,7 @@ def testbed_model(
     rope_theta: float | None = None,
     init_gain: float | None = None,
     position_std: float | None = None,
+    position_layout: str = "grid",
 ) -> TinyVLM:
     """A random tiny model of ``family`` (:func:`~vlm_probe.testbed.zoo.tiny_vlm`).
 
@@ -111,5 +157,5 @@ def testbed_model(
     if init_gain is not None:
         fan_in_init(tiny.model, seed, init_gain)
     if position_std is not None:
-        vision_position_init(tiny.model, seed, position_std)
+        vision_position_init(tiny.model, seed, position_std, position_layout)
     return tiny

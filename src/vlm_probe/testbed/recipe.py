@@ -21,7 +21,7 @@ from .zoo import FAMILIES as ZOO_FAMILIES
 from .zoo import Sizes
 
 #: Bump when a code change alters what a recipe builds (data, training, saving).
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 #: Model sizes per family: one vision token per cell of the 3 x 3 grid (42 x 42 images; Qwen-VL
 #: patch 7 with a 2 x 2 merge, LLaVA's CLIP tower patch 14), text 128 x 6 layers.
@@ -102,6 +102,8 @@ class Recipe:
     init_gain: float | None = 1.0
     #: re-draw the vision tower's learned position embeddings with this std; None keeps HF's
     position_std: float | None = 1.0
+    #: their layout: ``"grid"`` (factorised row + column codes) or ``"random"`` (see factory.py)
+    position_layout: str = "grid"
     scenes: SceneOptions = SceneOptions(max_shapes=4)
     base: SFTStage = SFTStage(
         steps=1600, batch_size=32, lr=1e-3, warmup=30, curriculum=((200, 2),),

@@ -149,7 +149,7 @@ def _row_of(rng: np.random.Generator, scene: Scene) -> QA | None:
     if not unique:
         return None
     s = _pick(rng, unique)
-    return f"which row is the {s.kind} in ?", str(s.row), f"{s.kind} : row {s.row}"
+    return f"which row is the {s.kind} in ?", str(s.row), f"{s.kind} : row {s.row} column {s.column}"
 
 
 def _column_of(rng: np.random.Generator, scene: Scene) -> QA | None:
@@ -157,7 +157,7 @@ def _column_of(rng: np.random.Generator, scene: Scene) -> QA | None:
     if not unique:
         return None
     s = _pick(rng, unique)
-    return f"which column is the {s.kind} in ?", str(s.column), f"{s.kind} : column {s.column}"
+    return f"which column is the {s.kind} in ?", str(s.column), f"{s.kind} : row {s.row} column {s.column}"
 
 
 # ----------------------------------------------------------------------------- vision-to-reasoning
