@@ -540,3 +540,59 @@ def test_grid_position_codes_factorise_into_row_and_column() -> None:
     from vlm_probe.testbed.factory import vision_position_init
     qwen = testbed_model("qwen2_5_vl", seed=3, sizes=sizes)
     assert vision_position_init(qwen.model, 3, 1.0) == []
+
+
+def test_data_parallel_stages_give_the_same_weights(testbed, tmp_path) -> None:
+    """Base and IN trained by 2 processes (one shard each, gradients summed over gloo) equal
+    the one-process build bit for bit, and so does everything after them."""
+    parallel = build_testbed(reduced=True, quiet=True, cache_dir=tmp_path, workers=2, variants=("early",))
+    assert parallel.info["times"]["Base"]["processes"] == 2
+    assert parallel.info["losses"] == testbed.info["losses"]
+    for stage in ("Base", "IN", "RL", "rl-freeze-early"):
+        ours = load_file(parallel.checkpoint(stage) / "model.safetensors")
+        theirs = load_file(testbed.checkpoint(stage) / "model.safetensors")
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), stage
+    assert not (parallel.path / ".init").exists()
+
+
+def test_data_parallel_failure_names_the_rank_and_stops(testbed, tmp_path) -> None:
+    from vlm_probe.testbed.data_parallel import DataParallelError, train_stage
+
+    with pytest.raises(DataParallelError, match="rank 0: .*(OSError|Error)") as caught:
+        train_stage(testbed.recipe, "base", tmp_path / "missing", tmp_path / "out", frozenset(), world=2, quiet=True)
+    assert "rank 1" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_keeps_each_checkpoints_responses_and_reuses_them(testbed, in_model, tmp_path) -> None:
+    """Every checkpoint of a build (variants too) holds its greedy responses to the held-out items
+    and swap scenes; scoring reads them back without loading the model, equals a fresh greedy
+    run, and regenerates what is missing or was asked differently."""
+    import dataclasses
+    import shutil
+
+    from vlm_probe.testbed import responses
+    from vlm_probe.testbed.rl_effect import evaluation_items
+    from vlm_probe.testbed.train import evaluate
+
+    items = evaluation_items(testbed)
+
+    def no_load():
+        raise AssertionError("the model was loaded although every response is stored")
+
+    for stage in ("Base", "IN", "RL", "rl-freeze-mid"):
+        responses.scored(testbed.checkpoint(stage), items, no_load)
+    kept = responses.scored(testbed.checkpoint("IN"), items, no_load)
+    model, _, encoder = in_model
+    fresh = evaluate(model, encoder, items)
+    assert kept.responses == fresh.responses and kept.verdicts == fresh.verdicts
+
+    copy = tmp_path / "in"
+    shutil.copytree(testbed.checkpoint("IN"), copy)
+    changed = [dataclasses.replace(items[0], question=items[0].question.replace("?", "? ?"))] + items[1:3]
+    calls = []
+    again = responses.scored(copy, changed, lambda: calls.append(1) or (model, encoder))
+    assert calls == [1] and again.responses[1:] == kept.responses[1:3]
+    assert len(responses.stored_responses(copy)) == len(responses.stored_responses(testbed.checkpoint("IN"))) + 1
+    assert responses.stored_responses(copy, max_new_tokens=5) == {}  # another budget: nothing stored

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -35,15 +36,18 @@ from ..errors import CheckpointError, MergePlanError
 from ..io import atomic_directory, atomic_write_json
 from ..model.processors import save_processor
 from ..threads import default_threads, default_workers, torch_threads
+from . import responses
 from .curriculum import DemonstrationSet, cold_start_examples, curriculum_stream, prompt_pool, split_mixture
+from .data_parallel import train_stage
 from .datasets import write_into
 from .encoding import Encoder
 from .factory import testbed_model
 from .freezing import FreezeSpec, describe_freeze, frozen_names
 from .recipe import Recipe, SFTStage
+from .responses import evaluation_items
 from .rl import ESTIMATOR, grpo
 from .tasks import Item, SwapPair, held_out_items, swap_pairs
-from .train import Example, evaluate, sft
+from .train import Example, Scored, sft
 
 STAGES: tuple[str, ...] = ("Base", "IN", "RL")
 #: RL re-runs a default build makes next to ``rl/``: each third of the decoder frozen (the necessity experiment)
@@ -127,7 +131,19 @@ def _model_from(path: Path) -> tuple[Any, Any]:
     return model, load_processor(path)
 
 
-def _save(model: Any, processor: Any, encoder: Encoder, path: Path) -> None:
+def load_stage_model(path: Path) -> tuple[Any, Any, Encoder]:
+    """A saved testbed checkpoint: model (float32), processor and encoder."""
+    model, processor = _model_from(path)
+    return model, processor, Encoder(model, processor, get_spec(model.config))
+
+
+def _scorer(path: Path) -> tuple[Any, Encoder]:
+    model, _, encoder = load_stage_model(path)
+    return model, encoder
+
+
+def save_checkpoint(model: Any, processor: Any, encoder: Encoder, path: Path) -> None:
+    """Save a testbed checkpoint (weights, config with the stop tokens, processor)."""
     config = model.generation_config
     config.eos_token_id = sorted(encoder.end_ids)
     config.pad_token_id = int(processor.tokenizer.pad_token_id)
@@ -201,8 +217,10 @@ def build_testbed(
         cache_dir: root of the cache (default: :func:`cache_root`).
         variants: regions frozen in each RL re-run (default the three thirds of the decoder;
             ``()`` for none); they land in ``variants/rl-freeze-<region>``.
-        workers: processes for the RL runs (default :func:`vlm_probe.threads.default_workers`;
-            1 runs them one after another in this process; the reduced recipe defaults to 1).
+        workers: processes for the supervised stages' shards (data parallel, at most
+            ``SFTStage.shards``) and for the RL runs (default
+            :func:`vlm_probe.threads.default_workers`; 1 runs everything in this process, with
+            the same weights; the reduced recipe defaults to 1).
         threads: torch threads for training (default :func:`vlm_probe.threads.default_threads`:
             1 on a 2-core machine, which keeps its speed when another process holds a core).
 
@@ -261,6 +279,7 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool, variants: tuple[st
         exclude = _exclusions(held_out, pairs)
 
         losses: dict[str, list[float]] = {}
+        start = directory / ".init"
         for stage, name in (("base", "Base"), ("instruct", "IN")):
             config: SFTStage = getattr(recipe, stage)
             stream, demos = stage_examples(recipe, stage, exclude)
@@ -270,13 +289,28 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool, variants: tuple[st
                     "size": len(demos), "error_rate": config.error_rate, "error_fraction": demos.error_fraction,
                     "epochs": config.steps * config.batch_size * share / len(demos),
                 }
+            world = max(1, min(workers, config.shards))
             _say(quiet, f"{name}: {config.steps} steps of {config.batch_size}"
-                        + (f" on {len(demos)} demonstrations" if demos is not None else ""))
+                        + (f" on {len(demos)} demonstrations" if demos is not None else "")
+                        + (f", {config.shards} shards in {world} processes" if world > 1 else ""))
+            out = directory / _DIRS["base" if name == "Base" else "in"]
             with _timed(times, name):
-                losses[name] = sft(model, encoder, stream, steps=config.steps, batch_size=config.batch_size,
-                                   lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay, desc=name,
-                                   quiet=quiet)
-                _save(model, processor, encoder, directory / _DIRS["base" if name == "Base" else "in"])
+                if world > 1:  # data parallel: the model goes to the processes through its checkpoint
+                    if stage == "base":
+                        save_checkpoint(model, processor, encoder, start)
+                    losses[name], cpu_s = train_stage(recipe, stage, start, out, exclude, world=world, quiet=quiet)
+                    model.load_state_dict(_model_from(out)[0].state_dict())
+                else:
+                    losses[name] = sft(model, encoder, stream, steps=config.steps, batch_size=config.batch_size,
+                                       lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay,
+                                       shards=config.shards, desc=name, quiet=quiet)
+                    save_checkpoint(model, processor, encoder, out)
+            if world > 1:
+                times[name]["cpu_s"] = round(cpu_s, 2)
+                times[name]["processes"] = world
+            start = out
+        if (directory / ".init").exists():
+            shutil.rmtree(directory / ".init")
         jobs = [RLJob(recipe.to_dict(), str(directory / "in"), str(directory / "rl"), recipe.rl.freeze or None,
                       0, quiet, threads)]
         jobs += [RLJob(recipe.to_dict(), str(directory / "in"), str(directory / "variants" / variant_name((v,))),
@@ -287,11 +321,13 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool, variants: tuple[st
             reports = run_rl_jobs(jobs, workers)
         times["RL"] = {k: reports[0][k] for k in ("wall_s", "cpu_s")}
         rl_log = reports[0]["rl_log"]
-        with _timed(times, "evaluate"):
+        with _timed(times, "evaluate"):  # RL's responses come from its own process (run_rl_job)
             accuracy = {}
             for name in ("Base", "IN", "RL"):
-                weights = _model_from(directory / _DIRS[name.lower()])[0]
-                accuracy[name] = evaluate(weights, encoder, held_out).accuracy()
+                folder = directory / _DIRS[name.lower()]
+                result = responses.scored(folder, evaluation_items(recipe), lambda: _scorer(folder))
+                accuracy[name] = Scored(*(part[: len(held_out)] for part in
+                                          (result.items, result.responses, result.verdicts))).accuracy()
     _say(quiet, "held-out accuracy " + json.dumps({k: {f: round(v, 3) for f, v in a.items()} for k, a in accuracy.items()}))
     return {
         "recipe_hash": recipe.hash(),
@@ -351,7 +387,8 @@ def run_rl_job(job: RLJob) -> dict[str, Any]:
                   "frozen_parameters": sorted(names), "wall_s": round(time.perf_counter() - start, 2),
                   "cpu_s": round(time.process_time() - cpu, 2), "threads": job.threads}
         with atomic_directory(job.out, overwrite=True) as tmp:
-            _save(policy, processor, encoder, tmp)
+            save_checkpoint(policy, processor, encoder, tmp)
+            responses.scored(tmp, evaluation_items(recipe), lambda: (policy, encoder))  # kept beside the weights
             if Path(job.out).name != "rl":
                 atomic_write_json(tmp / "variant.json", report)
     return report

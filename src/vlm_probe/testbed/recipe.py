@@ -49,7 +49,9 @@ class SFTStage:
     stay fresh); ``None`` draws fresh examples every step.
     ``error_rate`` is the share of demonstrated reasoning traces that hold one mistake, as
     distilled data does. ``curriculum`` holds ``(until_step, max_shapes)`` phases that start
-    with fewer shapes per scene.
+    with fewer shapes per scene. Each batch splits into ``shards`` fixed shards (data parallel over
+    up to that many processes, with the same weights for any number of them; see
+    :mod:`vlm_probe.testbed.data_parallel`).
     """
 
     steps: int
@@ -61,6 +63,7 @@ class SFTStage:
     demos: int | None = None
     error_rate: float = 0.0
     curriculum: tuple[tuple[int, int], ...] = ()
+    shards: int = 2
 
 
 @dataclass(frozen=True)

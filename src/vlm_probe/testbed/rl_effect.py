@@ -24,32 +24,27 @@ from .build import Testbed, _hf_bars, _model_from, build_testbed
 from .encoding import Encoder
 from .recipe import Recipe
 from .tasks import Item
-from .train import evaluate
-
-
-def swap_items(testbed: Testbed) -> list[Item]:
-    """The swap pairs as items: each target and each source scene with the shared prompt."""
-    items = []
-    for pair in testbed.swap_pairs():
-        items.append(Item(f"{pair.id}-target", "swap", pair.task, pair.prompt, pair.target_answer, pair.target))
-        items.append(Item(f"{pair.id}-source", "swap", pair.task, pair.prompt, pair.source_answer, pair.source))
-    return items
+from . import responses
 
 
 def evaluation_items(testbed: Testbed) -> list[Item]:
     """Held-out items of every family plus the swap-pair scenes (family ``swap``)."""
-    return testbed.held_out() + swap_items(testbed)
+    return responses.evaluation_items(testbed.recipe)
 
 
 def score_checkpoint(testbed: Testbed, stage: str, items: Sequence[Item], *, quiet: bool = True,
                      detail: bool = False) -> Any:
     """Correctness (0/1 per item) of one checkpoint's greedy responses, judged by the harness's
-    grader; with ``detail`` the :class:`~vlm_probe.testbed.train.Scored` (responses and verdicts)."""
-    with _hf_bars(quiet):
-        model, processor = _model_from(testbed.checkpoint(stage))
-    encoder = Encoder(model, processor, get_spec(model.config))
-    scored = evaluate(model, encoder, items)
-    return scored if detail else scored.correct
+    grader; with ``detail`` the :class:`~vlm_probe.testbed.train.Scored` (responses and verdicts).
+    Responses the build already generated are read back (:mod:`vlm_probe.testbed.responses`)."""
+
+    def load() -> tuple[Any, Encoder]:
+        with _hf_bars(quiet):
+            model, processor = _model_from(testbed.checkpoint(stage))
+        return model, Encoder(model, processor, get_spec(model.config))
+
+    result = responses.scored(testbed.checkpoint(stage), items, load)
+    return result if detail else result.correct
 
 
 class RLEffect(Result):

@@ -10,7 +10,7 @@ generation, so the testbed's verdict on an item equals the harness's verdict on 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,32 @@ def target_loss(model: Any, encoded: Encoded) -> tuple[torch.Tensor, int]:
     return F.cross_entropy(predicted, wanted, reduction="sum"), int(mask.sum())
 
 
+#: ``reduce(gradients, totals)``: sum, in place, every process's gradient tensors and its
+#: ``[summed loss, target tokens]`` (float64) over the processes sharing a batch.
+Reduce = Callable[[list[torch.Tensor], torch.Tensor], None]
+
+
+def shard_bounds(batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each of ``shards`` contiguous, near-equal shards of a batch."""
+    edges = [round(k * batch_size / shards) for k in range(shards + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def shard_gradient(model: Any, encoder: Encoder, batch: Sequence[Example],
+                   params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], float, int]:
+    """The summed (not averaged) loss gradient of one shard, its summed loss and target-token count;
+    leaves ``.grad`` empty. Parameters the shard does not reach get zeros."""
+    loss_sum, tokens = 0.0, 0
+    for part in encoder([item for item, _ in batch], targets=[response for _, response in batch]):
+        loss, n = target_loss(model, part)
+        loss.backward()
+        loss_sum, tokens = loss_sum + float(loss.detach()), tokens + n
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return grads, loss_sum, tokens
+
+
 def sft(
     model: Any,
     encoder: Encoder,
@@ -63,35 +89,54 @@ def sft(
     warmup: int = 0,
     weight_decay: float = 0.0,
     clip: float = 1.0,
+    shards: int = 1,
+    rank: int = 0,
+    world: int = 1,
+    reduce: Reduce | None = None,
     desc: str = "sft",
     quiet: bool = False,
 ) -> list[float]:
     """Train ``model`` in place on ``steps`` batches of (item, response) from ``stream``; returns
     the loss per step.
 
-    The loss is the mean cross-entropy of the response and stop tokens; AdamW with linear
-    warm-up and cosine decay; gradients clipped to norm ``clip``.
+    The loss is the mean cross-entropy of the response and stop tokens over the batch; AdamW
+    with linear warm-up and cosine decay; gradients clipped to norm ``clip``.
+
+    Data parallel: each batch splits into ``shards`` fixed shards, each encoded and
+    back-propagated on its own; their summed gradients are added, then divided by the batch's
+    target tokens. Process ``rank`` of ``world`` computes shards ``rank, rank + world, ...`` of
+    every batch (all processes draw the same stream) and ``reduce`` sums gradients and totals
+    over the processes (:mod:`vlm_probe.testbed.data_parallel`). With 2 shards, one process and
+    two give bit-identical weights (``a + b == b + a``); with more shards the order of the sums,
+    and so the last bits, depend on ``world``.
     """
+    if world > 1 and reduce is None:
+        raise ValueError("world > 1 needs reduce (the sum over processes).")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
+    bounds = shard_bounds(batch_size, shards)[rank::world]
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
     for _ in bar:
         batch = [next(stream) for _ in range(batch_size)]
-        parts = encoder([item for item, _ in batch], targets=[response for _, response in batch])
-        total = sum(int(p.n_target.sum()) for p in parts)
-        step_loss = 0.0
-        for part in parts:
-            loss_sum, _ = target_loss(model, part)
-            (loss_sum / total).backward()
-            step_loss += float(loss_sum.detach()) / total
+        grads: list[torch.Tensor] | None = None
+        totals = torch.zeros(2, dtype=torch.float64)  # summed loss, target tokens
+        for start, stop in bounds:
+            shard, loss_sum, tokens = shard_gradient(model, encoder, batch[start:stop], params)
+            grads = shard if grads is None else [g.add_(h) for g, h in zip(grads, shard)]
+            totals += torch.tensor([loss_sum, tokens], dtype=torch.float64)
+        assert grads is not None
+        if reduce is not None:
+            reduce(grads, totals)
+        for p, g in zip(params, grads):
+            p.grad = g.div_(float(totals[1]))
         torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
+        losses.append(float(totals[0] / totals[1]))
         if len(losses) % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
