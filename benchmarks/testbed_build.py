@@ -7,6 +7,11 @@ machine, then while a second process spins on one core. The variants are interle
 robin) so that changing load hits all alike; the baseline is 1 thread under the same condition.
 The project default must not be slower than 1 thread when a core is busy.
 
+Part 1b (always): wall seconds of a 150-step Base stage trained by 1 process and by 2
+data-parallel processes (:mod:`vlm_probe.testbed.data_parallel`, both spawned, so both pay the
+same start-up), idle and with the spinning process; the baseline is 1 process under the same
+condition. Two processes must not be slower than one when a core is busy.
+
 Part 2 (``--full``): a full build into a fresh temporary cache, wall and CPU seconds per stage,
 against the goal of 600 s wall on 2 cores.
 
@@ -77,6 +82,33 @@ def step_times(family: str, threads: dict[str, int], repeats: int) -> dict[str, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def stage_walls(family: str, steps: int, worlds: tuple[int, ...]) -> dict[int, float]:
+    """Wall seconds of a ``steps``-step Base stage in each number of data-parallel processes."""
+    import dataclasses
+
+    from vlm_probe.arch import get_spec
+    from vlm_probe.testbed.build import save_checkpoint
+    from vlm_probe.testbed.data_parallel import train_stage
+    from vlm_probe.testbed.encoding import Encoder
+    from vlm_probe.testbed.factory import testbed_model
+    from vlm_probe.testbed.recipe import Recipe
+
+    recipe = Recipe(family=family)
+    recipe = recipe.replace(base=dataclasses.replace(recipe.base, steps=steps))
+    tiny = testbed_model(family, seed=0, sizes=recipe.model_sizes, init_gain=1.0, position_std=recipe.position_std,
+                         position_layout=recipe.position_layout)
+    walls = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = Path(tmp) / "init"
+        save_checkpoint(tiny.model, tiny.processor, Encoder(tiny.model, tiny.processor, get_spec(tiny.model.config)),
+                        start)
+        for world in worlds:
+            began = time.perf_counter()
+            train_stage(recipe, "base", start, Path(tmp) / f"out{world}", frozenset(), world=world, quiet=True)
+            walls[world] = time.perf_counter() - began
+    return walls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="llava")
@@ -91,12 +123,14 @@ def main() -> None:
     print(f"machine: {machine()}; project default threads here: {default_threads()}")
     settings = {"1 thread": 1, "2 threads": 2, "default": default_threads()}
     idle = step_times(args.family, settings, args.repeats)
+    idle_stage = stage_walls(args.family, 150, (1, 2))
     stop = multiprocessing.get_context("spawn").Event()
     spinner = multiprocessing.get_context("spawn").Process(target=_spin, args=(stop,), daemon=True)
     spinner.start()
     try:
         time.sleep(1.0)
         busy = step_times(args.family, {**settings, "default": default_threads()}, args.repeats)
+        busy_stage = stage_walls(args.family, 150, (1, 2))
     finally:
         stop.set()
         spinner.join(timeout=5)
@@ -106,6 +140,11 @@ def main() -> None:
         print(f"{name:<12}{idle[name]:>10.3f}{idle[name] / idle['1 thread']:>8.2f}"
               f"{busy[name]:>10.3f}{busy[name] / busy['1 thread']:>8.2f}")
     print("(busy: another process spins on one core; the default must not be slower than 1 thread there)")
+    print("\nBase stage of 150 steps, spawned processes (wall s, start-up included)")
+    print(f"{'processes':<12}{'idle s':>10}{'vs 1':>8}{'busy s':>10}{'vs 1':>8}")
+    for world in (1, 2):
+        print(f"{world:<12}{idle_stage[world]:>10.1f}{idle_stage[world] / idle_stage[1]:>8.2f}"
+              f"{busy_stage[world]:>10.1f}{busy_stage[world] / busy_stage[1]:>8.2f}")
     if not args.full:
         return
 

@@ -260,6 +260,39 @@ def stage_examples(recipe: Recipe, stage: str, exclude: frozenset[str]) -> tuple
     return stream, None
 
 
+def _supervised_stage(recipe: Recipe, stage: str, tiny: Any, encoder: Encoder, start: Path, out: Path,
+                      exclude: frozenset[str], workers: int, quiet: bool,
+                      info: dict[str, Any]) -> tuple[list[float], dict[str, Any]]:
+    """Train ``tiny.model`` through one supervised stage (in place) and save it to ``out``: in
+    this process, or data parallel over ``min(workers, shards)`` processes that start from the
+    checkpoint ``start`` (written here for Base). Returns the losses and, when parallel, the
+    processes' CPU seconds and count (for ``build.json``)."""
+    config: SFTStage = getattr(recipe, stage)
+    name = "Base" if stage == "base" else "IN"
+    stream, demos = stage_examples(recipe, stage, exclude)
+    if demos is not None:
+        share = split_mixture(config.mixture)[2]
+        info["demonstrations"] = {
+            "size": len(demos), "error_rate": config.error_rate, "error_fraction": demos.error_fraction,
+            "epochs": config.steps * config.batch_size * share / len(demos),
+        }
+    world = max(1, min(workers, config.shards))
+    _say(quiet, f"{name}: {config.steps} steps of {config.batch_size}"
+                + (f" on {len(demos)} demonstrations" if demos is not None else "")
+                + (f", {config.shards} shards in {world} processes" if world > 1 else ""))
+    if world == 1:
+        losses = sft(tiny.model, encoder, stream, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                     warmup=config.warmup, weight_decay=config.weight_decay, shards=config.shards, desc=name,
+                     quiet=quiet)
+        save_checkpoint(tiny.model, tiny.processor, encoder, out)
+        return losses, {}
+    if stage == "base":  # the processes start from the initial weights on disk
+        save_checkpoint(tiny.model, tiny.processor, encoder, start)
+    losses, cpu_s = train_stage(recipe, stage, start, out, exclude, world=world, quiet=quiet)
+    tiny.model.load_state_dict(_model_from(out)[0].state_dict())
+    return losses, {"cpu_s": round(cpu_s, 2), "processes": world}
+
+
 def _build_into(directory: Path, recipe: Recipe, quiet: bool, variants: tuple[str, ...], workers: int,
                 threads: int) -> dict[str, Any]:
     times: dict[str, dict[str, float]] = {}
@@ -281,33 +314,11 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool, variants: tuple[st
         losses: dict[str, list[float]] = {}
         start = directory / ".init"
         for stage, name in (("base", "Base"), ("instruct", "IN")):
-            config: SFTStage = getattr(recipe, stage)
-            stream, demos = stage_examples(recipe, stage, exclude)
-            if demos is not None:
-                share = split_mixture(config.mixture)[2]
-                info["demonstrations"] = {
-                    "size": len(demos), "error_rate": config.error_rate, "error_fraction": demos.error_fraction,
-                    "epochs": config.steps * config.batch_size * share / len(demos),
-                }
-            world = max(1, min(workers, config.shards))
-            _say(quiet, f"{name}: {config.steps} steps of {config.batch_size}"
-                        + (f" on {len(demos)} demonstrations" if demos is not None else "")
-                        + (f", {config.shards} shards in {world} processes" if world > 1 else ""))
             out = directory / _DIRS["base" if name == "Base" else "in"]
             with _timed(times, name):
-                if world > 1:  # data parallel: the model goes to the processes through its checkpoint
-                    if stage == "base":
-                        save_checkpoint(model, processor, encoder, start)
-                    losses[name], cpu_s = train_stage(recipe, stage, start, out, exclude, world=world, quiet=quiet)
-                    model.load_state_dict(_model_from(out)[0].state_dict())
-                else:
-                    losses[name] = sft(model, encoder, stream, steps=config.steps, batch_size=config.batch_size,
-                                       lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay,
-                                       shards=config.shards, desc=name, quiet=quiet)
-                    save_checkpoint(model, processor, encoder, out)
-            if world > 1:
-                times[name]["cpu_s"] = round(cpu_s, 2)
-                times[name]["processes"] = world
+                losses[name], processes = _supervised_stage(recipe, stage, tiny, encoder, start, out, exclude, workers,
+                                                            quiet, info)
+            times[name].update(processes)
             start = out
         if (directory / ".init").exists():
             shutil.rmtree(directory / ".init")
