@@ -217,27 +217,31 @@ class Pipeline:
     # ------------------------------------------------------------------ running
 
     def run(self, sections: tuple[tuple[str, str, Callable[[Pipeline, SectionRecord], None]], ...]) -> None:
-        for name, title, fn in sections:
-            record = SectionRecord(name, title)
-            if name == "freezing" and not self.options.freezing:
-                record.status, record.reason, record.enable = "skipped", "--no-freezing was given.", \
-                    "leave out --no-freezing"
-                self.records.append(record)
-                continue
-            start = time.perf_counter()
-            self.log(f"[vlm-probe] {title} ...")
-            try:
-                fn(self, record)
-            except Skip as skip:
-                record.status, record.reason, record.enable = "skipped", skip.reason, skip.enable
-            except Exception as error:  # a failed section is reported; the others still run
-                record.status, record.reason = "failed", f"{type(error).__name__}: {error}"
-            record.seconds = time.perf_counter() - start
-            self.records.append(record)
+        self.records += [run_section(self, *section) for section in sections]
 
     @property
     def failures(self) -> dict[str, str]:
         return {r.id: r.reason for r in self.records if r.status == "failed"}
+
+
+def run_section(pipeline: Pipeline, name: str, title: str, fn: Callable[[Pipeline, SectionRecord], None]
+                ) -> SectionRecord:
+    """Run one section and record it: ``ran``, ``skipped`` (:class:`Skip`, or ``--no-freezing``) or
+    ``failed`` (any other exception, recorded: the other sections still run)."""
+    record = SectionRecord(name, title)
+    if name == "freezing" and not pipeline.options.freezing:
+        record.status, record.reason, record.enable = "skipped", "--no-freezing was given.", "leave out --no-freezing"
+        return record
+    start = time.perf_counter()
+    pipeline.log(f"[vlm-probe] {title} ...")
+    try:
+        fn(pipeline, record)
+    except Skip as skip:
+        record.status, record.reason, record.enable = "skipped", skip.reason, skip.enable
+    except Exception as error:  # a failed section is reported; the others still run
+        record.status, record.reason = "failed", f"{type(error).__name__}: {error}"
+    record.seconds = time.perf_counter() - start
+    return record
 
 
 @dataclass(frozen=True)
