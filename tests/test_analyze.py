@@ -1,6 +1,7 @@
 """The main job end to end: on the reduced testbed (every section, verdicts that follow from the
-saved tables, a report that renders in a real browser) and on real swap pairs only (the prompt
-analyses run; the others are listed as skipped, with the file that would enable them)."""
+saved tables, a report that renders in a real browser; in two worker processes, with the same
+records and tables as in one) and on real swap pairs only (the prompt analyses run; the others
+are listed as skipped, with the file that would enable them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,11 +21,15 @@ import pytest
 import torch
 
 import vlm_probe
+import vlm_probe.threads
 from vlm_probe.arch.regions import Cuts
 from vlm_probe.cli import main
+from vlm_probe.report import pipeline as pipeline_module
 from vlm_probe.report.analyze import SECTIONS
 from vlm_probe.report.claims import ClaimParameters, Verdict, judge
 from vlm_probe.report.figures import check_figure
+from vlm_probe.report.inputs import Inputs
+from vlm_probe.report.pipeline import Options, Pipeline, Skip
 from vlm_probe.report.render import build_report
 from vlm_probe.report.summary import answer_first
 
@@ -34,18 +40,41 @@ needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason=f"swap-pair data not
 @pytest.fixture(scope="module")
 def reduced(tmp_path_factory):
     """``vlm-probe analyze --reduced`` with its defaults (every held-out item, the generation budget
-    from the data's manifest or the default), and what it printed."""
+    from the data's manifest or the default) in two worker processes, and what it printed."""
     root = tmp_path_factory.mktemp("analyze")
+    return root / "out", _analyze_reduced(root, "out", "--workers", "2")
+
+
+@pytest.fixture(scope="module")
+def reduced_in_process(reduced):
+    """The same analysis in this process (``--workers 1``; it must not reach the parallel path),
+    single-threaded like the workers, on the same cached testbed."""
+    root = reduced[0].parent
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline_module, "run_in_workers", _no_workers)
+    try:
+        _analyze_reduced(root, "out_w1", "--workers", "1", "--threads", "1")
+    finally:
+        mp.undo()
+    return root / "out_w1"
+
+
+def _no_workers(*args, **kwargs):
+    raise AssertionError("--workers 1 reached the parallel path")
+
+
+def _analyze_reduced(root: Path, out: str, *args: str) -> str:
+    """``vlm-probe analyze --reduced -q`` into ``root/out`` with the testbed cached in ``root/cache``."""
     mp = pytest.MonkeyPatch()
     mp.setenv("VLM_PROBE_CACHE", str(root / "cache"))
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
-            code = main(["analyze", "--reduced", "--out", str(root / "out"), "-q"])
+            code = main(["analyze", "--reduced", "--out", str(root / out), "-q", *args])
     finally:
         mp.undo()
     assert code == 0, buffer.getvalue()
-    return root / "out", buffer.getvalue()
+    return buffer.getvalue()
 
 
 def _tables(out: Path, run: dict) -> dict[str, pd.DataFrame]:
@@ -132,6 +161,87 @@ def test_report_is_drawn_from_the_tables_alone(reduced, tmp_path) -> None:
         for figure in section.figures:
             assert check_figure(figure) == [], (section.id, figure.layout.title.text, check_figure(figure))
     assert re.search(r"total \d+ s: inputs and testbed \d+ s, analyses \d+ s", printed)
+
+
+def test_workers_give_the_records_and_tables_of_one_process(reduced, reduced_in_process) -> None:
+    """Exact equality: both runs are single-threaded on the same CPU with the same seeds, so every
+    number is computed by the same kernels in the same order (other thread counts may differ in
+    the last bits, which is why the in-process run is given --threads 1)."""
+    parallel_out, serial_out = reduced[0], reduced_in_process
+    parallel, serial = (json.loads((out / "run.json").read_text()) for out in (parallel_out, serial_out))
+    assert (parallel["options"]["workers"], serial["options"]["workers"]) == (2, 1)
+
+    def records(run: dict) -> list[dict]:
+        return [{k: v for k, v in section.items() if k != "seconds"} for section in run["sections"]]
+
+    assert records(parallel) == records(serial)
+    assert [s["id"] for s in parallel["sections"]] == [name for name, _, _ in SECTIONS]
+    assert parallel["tables"] == serial["tables"] and len(serial["tables"]) >= len(SECTIONS)
+    for name in serial["tables"]:
+        pd.testing.assert_frame_equal(pd.read_parquet(parallel_out / f"{name}.parquet"),
+                                      pd.read_parquet(serial_out / f"{name}.parquet"), check_exact=True, obj=name)
+    figures = sorted(p.name for p in (serial_out / "figures").iterdir())
+    assert figures and figures == sorted(p.name for p in (parallel_out / "figures").iterdir())
+    for name in figures:
+        assert (parallel_out / "figures" / name).read_text() == (serial_out / "figures" / name).read_text(), name
+    # judged in memory from the tables the parent read back: the same verdicts and sentences
+    assert parallel["claims"] == serial["claims"] and parallel["summary"] == serial["summary"]
+
+
+def _raises(p: Pipeline, rec) -> None:
+    raise ValueError("broken on purpose")
+
+
+def _skips(p: Pipeline, rec) -> None:
+    raise Skip("Nothing to do here.", "--data with something")
+
+
+def _saves(p: Pipeline, rec) -> None:
+    rec.samples.append("n = 3 numbers")
+    p.save_table(rec, "numbers", pd.DataFrame({"x": [1, 2, 3], "y": [0.5, 0.25, 0.125]}))
+    p.save_table(rec, "letters", pd.DataFrame({"letter": ["a", "b"]}))
+
+
+def _crashes(p: Pipeline, rec) -> None:
+    os._exit(3)  # a worker process that dies (only ever run in a worker)
+
+
+def test_a_section_that_fails_in_a_worker_is_recorded_and_the_others_run(tmp_path, capfd) -> None:
+    inputs = Inputs(checkpoints={}, data={})  # the sections here read no model and no data
+    pipeline = Pipeline(inputs, tmp_path, Options(workers=2))
+    pipeline.run((("boom", "Boom", _raises), ("saves", "Saves", _saves), ("nothing", "Nothing", _skips)))
+    boom, ran, skipped = pipeline.records
+    assert (boom.id, boom.status, boom.reason) == ("boom", "failed", "ValueError: broken on purpose")
+    assert (skipped.id, skipped.status, skipped.reason, skipped.enable) == (
+        "nothing", "skipped", "Nothing to do here.", "--data with something")
+    assert (ran.id, ran.status, ran.samples, ran.tables) == ("saves", "ran", ["n = 3 numbers"], ["numbers", "letters"])
+    assert list(pipeline.tables) == ran.tables  # read back into the parent, as saved
+    pd.testing.assert_frame_equal(pipeline.tables["numbers"], pd.DataFrame({"x": [1, 2, 3], "y": [0.5, 0.25, 0.125]}))
+    assert "[vlm-probe] Saves ..." in capfd.readouterr().err  # printed by the worker
+
+    crashed = pipeline_module.run_in_workers(pipeline, (("crash", "Crash", _crashes),), 1)  # one process, dies
+    assert [(r.id, r.status) for r in crashed] == [("crash", "failed")]
+    assert crashed[0].reason.startswith("BrokenProcessPool: ")
+
+
+def test_default_workers_use_the_cores_on_cpu_and_one_on_an_accelerator(monkeypatch) -> None:
+    monkeypatch.setattr(vlm_probe.threads, "usable_cores", lambda: 2)
+    assert Options().resolved_workers(len(SECTIONS)) == 2
+    assert Options(load={"device_map": {"": "cpu"}}).resolved_workers(len(SECTIONS)) == 2
+    assert Options(workers=1).resolved_workers(len(SECTIONS)) == 1
+    for placement in ("auto", {"": "cuda:0"}, {"model.vision": "cpu", "model.language_model": 0}):
+        assert Options(load={"device_map": placement}).resolved_workers(len(SECTIONS)) == 1, placement
+    monkeypatch.setattr(vlm_probe.threads, "usable_cores", lambda: 64)
+    assert Options().resolved_workers(len(SECTIONS)) == vlm_probe.threads.default_workers() <= len(SECTIONS)
+    assert Options().resolved_workers(3) == 3
+
+
+def test_workers_zero_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["analyze", "--reduced", "--workers", "0"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--workers" in err and "at least 1" in err
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys) -> None:

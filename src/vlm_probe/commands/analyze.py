@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--reduced", action="store_true", help="use the reduced (seconds) testbed")
     parser.add_argument("--seed", type=int, default=0, help="testbed seed")
     parser.add_argument("--no-freezing", action="store_true", help="skip the testbed freezing runs")
+    parser.add_argument("--workers", type=positive_int, help="processes that run the sections side by side, one "
+                        "torch thread each (default: the usable cores, at most 4 and at most one per section, when "
+                        "the models run on CPU; 1 with --device-map on an accelerator, so a large model is not "
+                        "loaded twice on one GPU). 1 runs them in this process, one after another, with --threads")
     add_model_options(parser)
     parser.set_defaults(func=run)
 
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     options = Options(samples=args.samples, eval_items=args.eval_items, max_new_tokens=args.max_new_tokens,
                       cuts=args.cuts, merge_host=args.merge_host, chunk=args.chunk, quiet=args.quiet,
-                      freezing=not args.no_freezing, load=model_options(args))
+                      freezing=not args.no_freezing, load=model_options(args), workers=args.workers)
     analysis = analyze(args.in_path, args.rl_path, base_path=args.base_path, data=args.data, out=args.out,
                        options=options, reduced=args.reduced, seed=args.seed,
                        command="vlm-probe " + " ".join(sys.argv[1:]), started=started)

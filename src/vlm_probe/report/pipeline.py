@@ -5,13 +5,20 @@ Nothing here draws or judges: :mod:`.claims` judges the saved tables and :mod:`.
 them. A section either runs (its tables are written to ``out/<name>.parquet`` as it finishes),
 is skipped (the reason and the flag or file that would enable it are recorded), or fails (the
 error is recorded; the other sections still run).
+
+With ``Options.workers`` above 1 the sections run side by side in spawned single-threaded
+processes (:func:`run_in_workers`), longest first; each process builds its own
+:class:`Pipeline` and the parent reads the saved tables back, so what follows is unchanged.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from ..arch.regions import Cuts
+from ..errors import InputError
 from ..io import atomic_file, atomic_write_text
 from .claims import ClaimParameters
 from .inputs import DATA_ROLES, Inputs, describe_sample, stratified
@@ -42,6 +50,10 @@ class Options:
         freezing: run the testbed's freezing re-runs.
         claims: the claims' margins and thresholds.
         load: :func:`vlm_probe.load` options (dtype, device_map, attn_implementation).
+        workers: processes that run the sections side by side, one torch thread each; 1 runs
+            them here, one after another. ``None`` (the default): see :meth:`resolved_workers`.
+            A script that calls ``analyze`` with more than one worker needs the usual
+            ``if __name__ == "__main__":`` guard (the workers are spawned).
     """
 
     samples: int | None = None
@@ -55,9 +67,40 @@ class Options:
     freezing: bool = True
     claims: ClaimParameters = field(default_factory=ClaimParameters)
     load: dict[str, Any] = field(default_factory=dict)
+    workers: int | None = None
+
+    def resolved_workers(self, n_sections: int) -> int:
+        """``workers`` if given; else 1 when the load options may place the models on an accelerator
+        (a large model must not be loaded twice on one GPU), else the usable cores
+        (:func:`vlm_probe.threads.default_workers`), at most ``n_sections``."""
+        if self.workers is not None:
+            if self.workers < 1:
+                raise InputError(f"workers must be at least 1, got {self.workers}.")
+            return self.workers
+        placement = self.load.get("device_map")
+        places = placement.values() if isinstance(placement, dict) else [placement]
+        if any(where is not None and str(where) != "cpu" for where in places):
+            return 1
+        from ..threads import default_workers
+
+        return max(1, min(default_workers(), n_sections))
 
     def record(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k != "claims"}, "claims": self.claims.as_dict()}
+
+
+#: The sections the parallel path starts first, longest first (CPU seconds on the built-in testbed,
+#: measured: transfer ~180, attention ~65, drift ~48, freezing ~44, cross-patching ~43); the other
+#: sections are short and follow in report order.
+COST_ORDER = ("transfer", "attention", "drift", "freezing", "cross_patching")
+
+#: Appended to the failure of the sections a dead worker process took down: the usual causes.
+_DIED = (" A worker process died: out of memory, a crash, or a script that calls analyze() without the "
+         "`if __name__ == \"__main__\":` guard (the workers are spawned and import the script). --workers 1 "
+         "(Options(workers=1)) runs the sections in this process.")
+
+#: ``(id, title, function)`` of each section (see :data:`vlm_probe.report.sections.SECTIONS`).
+Section = tuple[str, str, Callable[["Pipeline", "SectionRecord"], None]]
 
 
 class Skip(Exception):
@@ -94,6 +137,7 @@ class Pipeline:
         self.options = options
         self.records: list[SectionRecord] = []
         self.tables: dict[str, pd.DataFrame] = {}
+        self.workers = 1
         self._models: Any = None
         self._datasets: dict[str, Any] = {}
         self.max_new_tokens, self.max_new_tokens_source = inputs.max_new_tokens(options.max_new_tokens)
@@ -216,28 +260,79 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, sections: tuple[tuple[str, str, Callable[[Pipeline, SectionRecord], None]], ...]) -> None:
-        for name, title, fn in sections:
-            record = SectionRecord(name, title)
-            if name == "freezing" and not self.options.freezing:
-                record.status, record.reason, record.enable = "skipped", "--no-freezing was given.", \
-                    "leave out --no-freezing"
-                self.records.append(record)
-                continue
-            start = time.perf_counter()
-            self.log(f"[vlm-probe] {title} ...")
-            try:
-                fn(self, record)
-            except Skip as skip:
-                record.status, record.reason, record.enable = "skipped", skip.reason, skip.enable
-            except Exception as error:  # a failed section is reported; the others still run
-                record.status, record.reason = "failed", f"{type(error).__name__}: {error}"
-            record.seconds = time.perf_counter() - start
-            self.records.append(record)
+    def run(self, sections: tuple[Section, ...]) -> None:
+        """Run ``sections``: here, one after another, or in :func:`run_in_workers` when
+        :meth:`Options.resolved_workers` is above 1. ``records`` keep the order of ``sections``."""
+        self.workers = min(self.options.resolved_workers(len(sections)), len(sections))
+        if self.workers <= 1:
+            self.records += [run_section(self, *section) for section in sections]
+        else:
+            self.records += run_in_workers(self, sections, self.workers)
 
     @property
     def failures(self) -> dict[str, str]:
         return {r.id: r.reason for r in self.records if r.status == "failed"}
+
+
+def run_section(pipeline: Pipeline, name: str, title: str, fn: Callable[[Pipeline, SectionRecord], None]
+                ) -> SectionRecord:
+    """Run one section and record it: ``ran``, ``skipped`` (:class:`Skip`, or ``--no-freezing``) or
+    ``failed`` (any other exception, recorded: the other sections still run)."""
+    record = SectionRecord(name, title)
+    if name == "freezing" and not pipeline.options.freezing:
+        record.status, record.reason, record.enable = "skipped", "--no-freezing was given.", "leave out --no-freezing"
+        return record
+    start = time.perf_counter()
+    pipeline.log(f"[vlm-probe] {title} ...")
+    try:
+        fn(pipeline, record)
+    except Skip as skip:
+        record.status, record.reason, record.enable = "skipped", skip.reason, skip.enable
+    except Exception as error:  # a failed section is reported; the others still run
+        record.status, record.reason = "failed", f"{type(error).__name__}: {error}"
+    record.seconds = time.perf_counter() - start
+    return record
+
+
+def run_in_workers(pipeline: Pipeline, sections: tuple[Section, ...], workers: int) -> list[SectionRecord]:
+    """Run ``sections`` in ``workers`` spawned processes, longest first (:data:`COST_ORDER`), then read
+    the tables they saved into ``pipeline.tables``. Returns the records in the order of ``sections``.
+
+    A worker records skips and failures as :func:`run_section` does here. An exception that
+    escapes a worker is recorded as that section's failure, with its text; a worker process that
+    crashes breaks the pool, so every section still running or queued then fails with it.
+    """
+    order = sorted(sections, key=lambda s: COST_ORDER.index(s[0]) if s[0] in COST_ORDER else len(COST_ORDER))
+    records: dict[str, SectionRecord] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_worker, pipeline.inputs, pipeline.out, pipeline.options, section): section
+                   for section in order}
+        for future in as_completed(futures):
+            name, title, _ = futures[future]
+            try:
+                records[name] = future.result()
+            except Exception as error:  # the worker process died, or its result could not come back
+                hint = _DIED if isinstance(error, BrokenProcessPool) else ""
+                records[name] = SectionRecord(name, title, status="failed",
+                                              reason=f"{type(error).__name__}: {error}{hint}")
+    ordered = [records[name] for name, _, _ in sections]
+    for record in ordered:
+        for table in record.tables:
+            pipeline.tables[table] = pd.read_parquet(pipeline.out / f"{table}.parquet")
+    return ordered
+
+
+def _worker(inputs: Inputs, out: Path, options: Options, section: Section) -> SectionRecord:
+    """One section in a worker process: its own :class:`Pipeline` (models load here), one torch thread."""
+    from ..threads import torch_threads
+
+    if options.quiet:  # as `vlm-probe analyze -q` does in the parent: no weight-loading bars
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    with torch_threads(1):
+        return run_section(Pipeline(inputs, out, options), *section)
 
 
 @dataclass(frozen=True)
