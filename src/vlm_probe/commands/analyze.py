@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge-host", default="early", help="merge variants keep the vision tower, projector, "
                         "embeddings and head of: 'early' (the early third's source, as published) or a checkpoint "
                         "name such as IN")
-    parser.add_argument("--chunk", type=positive_int, default=32, help="prompts per forward batch")
+    parser.add_argument("--chunk", type=positive_int, help="prompts per forward or generation batch "
+                        "(default: 128 on the built-in testbed, else 32)")
     parser.add_argument("--reduced", action="store_true", help="use the reduced (seconds) testbed")
     parser.add_argument("--seed", type=int, default=0, help="testbed seed")
     parser.add_argument("--no-freezing", action="store_true", help="skip the testbed freezing runs")

@@ -151,7 +151,7 @@ def _record(pipeline: Pipeline, claims: list[ClaimResult], summary: list[str], t
         "dtype": str(next(pipeline.models["IN"].hf.parameters()).dtype),
         "attention": pipeline.models["IN"].attn_implementation,
         "cuts": pipeline.cuts.as_dict(),
-        "options": {**pipeline.options.record(), "max_new_tokens": pipeline.max_new_tokens,
+        "options": {**pipeline.options.record(), "chunk": pipeline.chunk, "max_new_tokens": pipeline.max_new_tokens,
                     "max_new_tokens_source": pipeline.max_new_tokens_source, "workers": pipeline.workers},
         "seeds": {"bootstrap": pipeline.options.claims.seed,
                   **({"testbed": inputs.testbed.recipe.seed} if inputs.testbed is not None else {})},

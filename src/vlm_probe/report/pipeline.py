@@ -45,7 +45,10 @@ class Options:
         cuts: where mid and late start (``(8, 20)`` or ``"8,20"``); default N//3, 2N//3.
         merge_host: where each merge variant's vision tower, projector, embeddings and head
             come from: ``"early"`` (the early third's source, as published) or a checkpoint name.
-        chunk: prompts per forward batch in the prompt-only analyses.
+        chunk: prompts per forward batch in the prompt-only analyses, and answers generated per
+            batch in the transfer table; ``None``: 128 on the built-in testbed (a 1 M-parameter
+            model on a CPU, where generating 128 answers at once took 0.6 of the time of 4 x
+            32), else 32.
         max_rows: rows per batched patching or swap forward (the memory budget).
         freezing: run the testbed's freezing re-runs.
         claims: the claims' margins and thresholds.
@@ -61,7 +64,7 @@ class Options:
     max_new_tokens: int | None = None
     cuts: tuple[int, int] | str | None = None
     merge_host: str = "early"
-    chunk: int = 32
+    chunk: int | None = None
     max_rows: int = 64
     quiet: bool = False
     freezing: bool = True
@@ -158,6 +161,13 @@ class Pipeline:
         return self._models
 
     @property
+    def chunk(self) -> int:
+        """Prompts per batch (:attr:`Options.chunk`, resolved)."""
+        if self.options.chunk is not None:
+            return max(1, self.options.chunk)
+        return 128 if self.inputs.testbed is not None else 32
+
+    @property
     def cuts(self) -> Cuts:
         return Cuts.make(self.options.cuts, self.models["IN"].n_layers)
 
@@ -250,7 +260,7 @@ class Pipeline:
 
     def batches(self, requests: list[Any]) -> Iterator[tuple[int, Any]]:
         """``(offset, batch)`` chunks of at most ``options.chunk`` prompts."""
-        step = max(1, self.options.chunk)
+        step = self.chunk
         for start in range(0, len(requests), step):
             part = requests[start : start + step]
             images = [[image.open() for image in r.images] or None for r in part]

@@ -199,7 +199,7 @@ def transfer(p: Pipeline, rec: SectionRecord) -> None:
     accuracies: list[pd.DataFrame] = []
 
     def score(vlm: Any, variant: str) -> pd.DataFrame:
-        runs = {key: evaluate(vlm, items, conditions=list(sets[key]), batch_size=p.options.chunk,
+        runs = {key: evaluate(vlm, items, conditions=list(sets[key]), batch_size=p.chunk,
                               max_new_tokens=p.max_new_tokens, prompt=p.fmt(), quiet=True, name=variant)
                 for key, items in data.items()}
         result = fine_grained_metrics(**runs, model=variant, n_resamples=p.options.claims.n_resamples)
