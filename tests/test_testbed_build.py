@@ -542,9 +542,12 @@ def test_grid_position_codes_factorise_into_row_and_column() -> None:
     assert vision_position_init(qwen.model, 3, 1.0) == []
 
 
-def test_data_parallel_stages_give_the_same_weights(testbed, tmp_path) -> None:
+def test_data_parallel_stages_give_the_same_weights(testbed, tmp_path, monkeypatch) -> None:
     """Base and IN trained by 2 processes (one shard each, gradients summed over gloo) equal
     the one-process build bit for bit, and so does everything after them."""
+    import vlm_probe.testbed.build as build
+
+    monkeypatch.setattr(build, "data_parallel_processes", lambda workers, shards: 2)  # whatever the load
     parallel = build_testbed(reduced=True, quiet=True, cache_dir=tmp_path, workers=2, variants=("early",))
     assert parallel.info["times"]["Base"]["processes"] == 2
     assert parallel.info["losses"] == testbed.info["losses"]
@@ -596,3 +599,14 @@ def test_build_keeps_each_checkpoints_responses_and_reuses_them(testbed, in_mode
     assert calls == [1] and again.responses[1:] == kept.responses[1:3]
     assert len(responses.stored_responses(copy)) == len(responses.stored_responses(testbed.checkpoint("IN"))) + 1
     assert responses.stored_responses(copy, max_new_tokens=5) == {}  # another budget: nothing stored
+
+
+def test_data_parallel_uses_only_idle_cores(monkeypatch) -> None:
+    from vlm_probe import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    for load, expected in ((0.0, 2), (2.6, 1), (1.1, 2), (3.5, 1)):
+        monkeypatch.setattr(threads.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert threads.data_parallel_processes(4, 2) == expected, load
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert threads.data_parallel_processes(1, 2) == 1 and threads.data_parallel_processes(4, 1) == 1

@@ -41,16 +41,30 @@ def default_threads() -> int:
             raise InputError(f"{ENV}={value!r}: give a whole number of threads, at least 1.")
         return int(value)
     cores = usable_cores()
+    return max(1, min(cores // 2, idle_cores()))
+
+
+def idle_cores() -> int:
+    """Usable cores minus the busy ones (the 1-minute load average rounded up), at least 1."""
+    cores = usable_cores()
     try:
         busy = math.ceil(os.getloadavg()[0] - 0.25)
     except (AttributeError, OSError):
         busy = 0
-    return max(1, min(cores // 2, cores - max(0, busy)))
+    return max(1, cores - max(0, busy))
 
 
 def default_workers() -> int:
     """Processes for independent single-threaded jobs: the usable cores (at least 1, at most 4)."""
     return max(1, min(4, usable_cores()))
+
+
+def data_parallel_processes(workers: int, shards: int) -> int:
+    """Processes for one data-parallel job: at most ``workers`` and ``shards``, and only the idle
+    cores. Unlike independent jobs, data parallelism costs CPU (each process repeats the
+    optimizer step and works on smaller batches) and waits for the slowest process at every
+    step, so on a busy machine one process is faster."""
+    return max(1, min(workers, shards, idle_cores()))
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from ..arch import get_spec
 from ..errors import CheckpointError, MergePlanError
 from ..io import atomic_directory, atomic_write_json
 from ..model.processors import save_processor
-from ..threads import default_threads, default_workers, torch_threads
+from ..threads import data_parallel_processes, default_threads, default_workers, torch_threads
 from . import responses
 from .curriculum import DemonstrationSet, cold_start_examples, curriculum_stream, prompt_pool, split_mixture
 from .data_parallel import train_stage
@@ -276,7 +276,7 @@ def _supervised_stage(recipe: Recipe, stage: str, tiny: Any, encoder: Encoder, s
             "size": len(demos), "error_rate": config.error_rate, "error_fraction": demos.error_fraction,
             "epochs": config.steps * config.batch_size * share / len(demos),
         }
-    world = max(1, min(workers, config.shards))
+    world = data_parallel_processes(workers, config.shards)
     _say(quiet, f"{name}: {config.steps} steps of {config.batch_size}"
                 + (f" on {len(demos)} demonstrations" if demos is not None else "")
                 + (f", {config.shards} shards in {world} processes" if world > 1 else ""))
