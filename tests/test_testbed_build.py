@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 
 import pytest
@@ -602,11 +603,19 @@ def test_build_keeps_each_checkpoints_responses_and_reuses_them(testbed, in_mode
 
 
 def test_data_parallel_uses_only_idle_cores(monkeypatch) -> None:
+    """Processes = min(workers, shards, idle cores), idle cores measured now (/proc/stat), or
+    from the load average where that cannot be read."""
     from vlm_probe import threads
 
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
-    for load, expected in ((0.0, 2), (2.6, 1), (1.1, 2), (3.5, 1)):
-        monkeypatch.setattr(threads.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
-        assert threads.data_parallel_processes(4, 2) == expected, load
+    for busy, expected in ((0.0, 2), (2.6, 1), (1.1, 2), (3.5, 1)):
+        monkeypatch.setattr(threads, "_busy_cores", lambda seconds, busy=busy: busy)
+        assert threads.data_parallel_processes(4, 2) == expected, busy
+    monkeypatch.setattr(threads, "_busy_cores", lambda seconds: None)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    assert threads.data_parallel_processes(4, 2) == 1
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert threads.data_parallel_processes(1, 2) == 1 and threads.data_parallel_processes(4, 1) == 1
+    assert threads.data_parallel_processes(4, 2) == 2
+    busy = threads._busy_cores(0.05)  # the real reading: a share of this machine's cores
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,14 +45,40 @@ def default_threads() -> int:
     return max(1, min(cores // 2, idle_cores()))
 
 
-def idle_cores() -> int:
-    """Usable cores minus the busy ones (the 1-minute load average rounded up), at least 1."""
+def idle_cores(sample: float = 0.0) -> int:
+    """Usable cores minus the busy ones, at least 1. Busy: the 1-minute load average rounded up,
+    or with ``sample > 0`` (seconds) the machine's busy share measured now from ``/proc/stat``
+    (Linux; the load average elsewhere), which unlike the load average does not lag a job that
+    just ended (a ``pip install`` before a build)."""
     cores = usable_cores()
+    busy_now = _busy_cores(sample) if sample > 0 else None
+    if busy_now is not None:
+        return max(1, min(cores, round(cores - busy_now)))
     try:
         busy = math.ceil(os.getloadavg()[0] - 0.25)
     except (AttributeError, OSError):
         busy = 0
     return max(1, cores - max(0, busy))
+
+
+def _busy_cores(seconds: float) -> float | None:
+    """Cores' worth of CPU time the whole machine spent busy over ``seconds`` (None off Linux)."""
+
+    def read() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    first = read()
+    time.sleep(seconds)
+    second = read()
+    if first is None or second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (total - idle) / total
 
 
 def default_workers() -> int:
@@ -64,7 +91,7 @@ def data_parallel_processes(workers: int, shards: int) -> int:
     cores. Unlike independent jobs, data parallelism costs CPU (each process repeats the
     optimizer step and works on smaller batches) and waits for the slowest process at every
     step, so on a busy machine one process is faster."""
-    return max(1, min(workers, shards, idle_cores()))
+    return max(1, min(workers, shards, idle_cores(sample=0.5)))
 
 
 @contextmanager
