@@ -196,3 +196,16 @@ def test_prompt_sections_skip_without_their_prompts_and_record_their_sample(tmp_
     assert len(requests) == 3
     assert all(any(row["question"] in r.prompt for row in rows) for r in requests)
     assert record.samples and "n = 3 text items" in record.samples[0]
+
+
+def test_answer_first_names_the_margin_when_a_moved_transition_counts_as_unchanged() -> None:
+    """A transition one layer earlier in RL, within the +-1 layer margin of a 6-layer decoder, is
+    "unchanged: supported"; the sentence says the margin it was judged by."""
+
+    def sweep(transition: int) -> pd.DataFrame:  # answers change when the swap starts before the transition
+        return pd.DataFrame([{"sample": s, "layer": k, "changed": k < transition} for s in range(20) for k in range(6)])
+
+    tables = {"swap_IN": sweep(4), "swap_RL": sweep(3)}
+    claims = judge(tables, cuts=Cuts.make(None, 6), params=ClaimParameters(n_resamples=50))
+    sentence = answer_first(tables, claims, Cuts.make(None, 6))[-1]
+    assert "moves from L5 to L4" in sentence and "supported; equivalence margin +-1 layer(s)" in sentence, sentence

@@ -111,8 +111,10 @@ def image_sentence(tables: Mapping[str, pd.DataFrame], claims: Sequence[ClaimRes
     elif perception is not None and perception.lines and "a" in perception.lines[0].numbers:
         n = perception.lines[0].numbers
         moved = "stays at" if n["a"] == n["b"] else f"moves from L{n['a'] + 1} to"
+        margin = n.get("margin_layers")
+        within = f"; equivalence margin +-{margin} layer(s)" if margin is not None and n["a"] != n["b"] else ""
         parts.append(f"the vision-token swap transition {moved} L{n['b'] + 1} (\"where the image is read is "
-                     f"unchanged\": {perception.verdict.value})")
+                     f"unchanged\": {perception.verdict.value}{within})")
     if not parts:
         return None
     text = "; ".join(parts)
