@@ -50,7 +50,9 @@ def register(subparsers: Any) -> None:
                        help="torch CPU threads per process (default: vlm_probe.threads.default_threads(), "
                             "1 on a 2-core machine)")
     build.add_argument("--workers", type=positive_int, default=None,
-                       help="processes for the RL runs and freezing re-runs (default: the usable cores, at most 4)")
+                       help="processes for the RL runs and freezing re-runs, and for the data-parallel Base and "
+                            "IN stages while cores are idle (default: the usable cores, at most 4; the weights "
+                            "are the same for any number)")
     build.add_argument("--no-variants", action="store_true", help="skip the three freezing re-runs")
     build.set_defaults(func=run_build)
 
