@@ -92,10 +92,10 @@ class Options:
         return {**{k: v for k, v in asdict(self).items() if k != "claims"}, "claims": self.claims.as_dict()}
 
 
-#: The sections the parallel path starts first, longest first (CPU seconds on the built-in testbed,
-#: measured: transfer ~180, attention ~65, drift ~48, freezing ~44, cross-patching ~43); the other
-#: sections are short and follow in report order.
-COST_ORDER = ("transfer", "attention", "drift", "freezing", "cross_patching")
+#: The sections the parallel path starts first, longest first (wall seconds on the built-in testbed,
+#: measured with 2 workers: transfer 108, drift 27, cross-patching 21, attention 20, swap 12; freezing
+#: reads the responses the build kept, 1.4 s); the other sections are short and follow in report order.
+COST_ORDER = ("transfer", "drift", "cross_patching", "attention", "swap")
 
 #: Appended to the failure of the sections a dead worker process took down: the usual causes.
 _DIED = (" A worker process died: out of memory, a crash, or a script that calls analyze() without the "

@@ -47,7 +47,7 @@ from .recipe import Recipe, SFTStage
 from .responses import evaluation_items
 from .rl import ESTIMATOR, grpo
 from .tasks import Item, SwapPair, held_out_items, swap_pairs
-from .train import Example, Scored, sft
+from .train import Example, sft
 
 STAGES: tuple[str, ...] = ("Base", "IN", "RL")
 #: RL re-runs a default build makes next to ``rl/``: each third of the decoder frozen (the necessity experiment)
@@ -137,8 +137,10 @@ def load_stage_model(path: Path) -> tuple[Any, Any, Encoder]:
     return model, processor, Encoder(model, processor, get_spec(model.config))
 
 
-def _scorer(path: Path) -> tuple[Any, Encoder]:
-    model, _, encoder = load_stage_model(path)
+def scorer(path: Path, quiet: bool = True) -> tuple[Any, Encoder]:
+    """The model and encoder that answer items for a saved checkpoint (for :func:`responses.scored`)."""
+    with _hf_bars(quiet):
+        model, _, encoder = load_stage_model(path)
     return model, encoder
 
 
@@ -333,12 +335,11 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool, variants: tuple[st
         times["RL"] = {k: reports[0][k] for k in ("wall_s", "cpu_s")}
         rl_log = reports[0]["rl_log"]
         with _timed(times, "evaluate"):  # RL's responses come from its own process (run_rl_job)
-            accuracy = {}
+            accuracy, items = {}, evaluation_items(recipe)
             for name in ("Base", "IN", "RL"):
                 folder = directory / _DIRS[name.lower()]
-                result = responses.scored(folder, evaluation_items(recipe), lambda: _scorer(folder))
-                accuracy[name] = Scored(*(part[: len(held_out)] for part in
-                                          (result.items, result.responses, result.verdicts))).accuracy()
+                by_family = responses.scored(folder, items, lambda: scorer(folder)).accuracy()
+                accuracy[name] = {family: acc for family, acc in by_family.items() if family != "swap"}
     _say(quiet, "held-out accuracy " + json.dumps({k: {f: round(v, 3) for f, v in a.items()} for k, a in accuracy.items()}))
     return {
         "recipe_hash": recipe.hash(),

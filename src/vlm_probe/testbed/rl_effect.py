@@ -17,11 +17,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..arch import get_spec
 from ..results import Result
 from ..stats import bootstrap, paired_difference
-from .build import Testbed, _hf_bars, _model_from, build_testbed
-from .encoding import Encoder
+from .build import Testbed, build_testbed, scorer
 from .recipe import Recipe
 from .tasks import Item
 from . import responses
@@ -37,13 +35,8 @@ def score_checkpoint(testbed: Testbed, stage: str, items: Sequence[Item], *, qui
     """Correctness (0/1 per item) of one checkpoint's greedy responses, judged by the harness's
     grader; with ``detail`` the :class:`~vlm_probe.testbed.train.Scored` (responses and verdicts).
     Responses the build already generated are read back (:mod:`vlm_probe.testbed.responses`)."""
-
-    def load() -> tuple[Any, Encoder]:
-        with _hf_bars(quiet):
-            model, processor = _model_from(testbed.checkpoint(stage))
-        return model, Encoder(model, processor, get_spec(model.config))
-
-    result = responses.scored(testbed.checkpoint(stage), items, load)
+    path = testbed.checkpoint(stage)
+    result = responses.scored(path, items, lambda: scorer(path, quiet))
     return result if detail else result.correct
 
 
