@@ -125,26 +125,24 @@ def parse_cuts(text: str | None, flag: str = "--cuts") -> tuple[int, int] | None
         raise InputError(f"{flag}: {error}") from None
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
+def _whole_number(text: str, minimum: int, wanted: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    return _whole_number(text, 1, "at least 1")
 
 
 def nonnegative_int(text: str) -> int:
     """An argparse type: an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _whole_number(text, 0, "0 or more")
 
 
 def check_out(path: str | None, flag: str = "--out", *, overwrite: bool = True, overwrite_flag: str = "--overwrite") -> None:
