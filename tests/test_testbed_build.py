@@ -514,6 +514,8 @@ def test_grid_position_codes_factorise_into_row_and_column() -> None:
     """Every cell's code is row code + column code (scaled): moving one column changes the code
     by the same vector in every row; the class token keeps its own draw; a non-square table is
     refused; the LLaVA tower gets the grid, Qwen2.5-VL (no table) nothing."""
+    import dataclasses
+
     from vlm_probe.errors import InputError
     from vlm_probe.testbed.factory import grid_positions, testbed_model
 
@@ -529,6 +531,10 @@ def test_grid_position_codes_factorise_into_row_and_column() -> None:
         assert 1.2 < float(codes.std()) < 2.8  # entries ~ N(0, std^2)
     with pytest.raises(InputError, match="square patch grid"):
         grid_positions(12, 8, 1.0, torch.Generator())
+    with pytest.raises(InputError, match="Unknown position_layout 'diagonal'; use one of grid, random"):
+        Recipe(position_layout="diagonal")
+    with pytest.raises(InputError, match="shards must lie in 1..batch_size"):
+        Recipe.reduced_size().replace(base=dataclasses.replace(Recipe.reduced_size().base, shards=0))
     sizes = Recipe.reduced_size().model_sizes
     llava = testbed_model("llava", seed=3, sizes=sizes, position_std=1.0, position_layout="grid")
     table = llava.model.get_submodule("model.vision_tower.embeddings.position_embedding").weight

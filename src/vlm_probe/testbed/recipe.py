@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .factory import POSITION_LAYOUTS
 from .tasks import Mixture, SceneOptions, parse_mixture
 from .zoo import FAMILIES as ZOO_FAMILIES
 from .zoo import Sizes
@@ -139,7 +140,12 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.family not in ZOO_FAMILIES:
             raise InputError(f"Unknown model family {self.family!r}; the zoo has {', '.join(ZOO_FAMILIES)}.")
+        if self.position_layout not in POSITION_LAYOUTS:
+            raise InputError(f"Unknown position_layout {self.position_layout!r}; use one of "
+                             f"{', '.join(POSITION_LAYOUTS)}.")
         for stage in (self.base, self.instruct):
+            if stage.shards < 1 or stage.shards > stage.batch_size:
+                raise InputError(f"shards must lie in 1..batch_size ({stage.batch_size}); got {stage.shards}.")
             parse_mixture(stage.mixture)
         parse_mixture(self.rl.mixture)
 
