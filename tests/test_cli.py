@@ -79,3 +79,33 @@ def test_every_command_takes_threads_and_runs_under_one_thread_policy(capsys, mo
     monkeypatch.setenv("VLM_PROBE_THREADS", "two")
     assert main(["report", "/nonexistent-run"]) == 2
     assert "VLM_PROBE_THREADS='two'" in capsys.readouterr().err
+
+
+def test_the_analyze_summary_keeps_every_line_within_the_terminal_width(monkeypatch) -> None:
+    import io
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    from vlm_probe.commands.analyze import print_summary
+    from vlm_probe.report.pipeline import SectionRecord
+
+    width = 72
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=None: os.terminal_size((width, 20)))
+    long = "n = 1000 math VQA items (color_plus 200, count_not 200, count_plus 200, more_color 200, more_shape 200)"
+    analysis = SimpleNamespace(
+        summary=["RL changes vision-to-reasoning (M_v2r) by +31.4 points [+27.9, +34.9] (n=1000); " * 3],
+        claims=[SimpleNamespace(verdict=SimpleNamespace(value="no difference shown"),
+                                text="Attention from reasoning (generated) tokens to vision tokens rises " * 2)],
+        sections=[SectionRecord("cross_patching", "Cross-checkpoint patching", samples=[long, long])],
+        skipped=[SectionRecord("freezing", "Freezing", status="skipped", reason="It needs re-runs. " * 4,
+                               enable="run without --in/--rl")],
+        failures={}, timings={"inputs_and_testbed": 1.0, "analysis": 2.0}, out=Path("out"),
+    )
+    buffer = io.StringIO()
+    print_summary(analysis, 0.0, file=buffer)
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line) for line in lines[:-1]) <= width  # the last line names the report's path
+    sample_lines = lines[lines.index("Samples:") + 1:]
+    assert sample_lines[0].startswith("  cross_patching n = 1000")
+    assert sum(len(line) > width - 12 for line in sample_lines[:4]) >= 3  # continuations use the width too

@@ -60,8 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _wrap(text: str, width: int, indent: int) -> str:
-    return textwrap.fill(text, width=width, subsequent_indent=" " * indent, break_on_hyphens=False)
+def _wrap(prefix: str, text: str, width: int) -> str:
+    """``prefix`` then ``text``, every line at most ``width`` wide, continuations under the text."""
+    return textwrap.fill(text, width=width, initial_indent=prefix, subsequent_indent=" " * len(prefix),
+                         break_on_hyphens=False)
 
 
 def print_summary(analysis: Any, started: float, file: Any = None) -> None:
@@ -70,16 +72,16 @@ def print_summary(analysis: Any, started: float, file: Any = None) -> None:
     width = max(60, min(120, shutil.get_terminal_size((100, 20)).columns))
     print("What did RL change, and where?", file=file)
     for sentence in analysis.summary:
-        print("  " + _wrap(sentence, width - 2, 2), file=file)
+        print(_wrap("  ", sentence, width), file=file)
     print("\nThe published claims on this run:", file=file)
     for claim in analysis.claims:
-        print(f"  {claim.verdict.value:<20} " + _wrap(claim.text, width - 23, 23), file=file)
+        print(_wrap(f"  {claim.verdict.value:<20} ", claim.text, width), file=file)
     print("\nSamples:", file=file)
     for record in analysis.sections:
         if record.status == "ran" and record.samples:
-            print(f"  {record.id:<15}" + _wrap("; ".join(record.samples), width - 17, 17), file=file)
+            print(_wrap(f"  {record.id:<15}", "; ".join(record.samples), width), file=file)
     for record in analysis.skipped:
-        print(_wrap(f"  skipped {record.title}: {record.reason} To run it: {record.enable}.", width, 4), file=file)
+        print(_wrap("  ", f"skipped {record.title}: {record.reason} To run it: {record.enable}.", width), file=file)
     for name, error in analysis.failures.items():
         print(f"section {name} failed: {error}", file=sys.stderr)
     total = time.perf_counter() - started

@@ -337,10 +337,11 @@ def _worker(inputs: Inputs, out: Path, options: Options, section: Section) -> Se
     """One section in a worker process: its own :class:`Pipeline` (models load here), one torch thread."""
     from ..threads import torch_threads
 
-    if options.quiet:  # as `vlm-probe analyze -q` does in the parent: no weight-loading bars
-        import transformers
+    import transformers
 
-        transformers.utils.logging.disable_progress_bar()
+    # no weight-loading bars: several workers' bars would interleave on one terminal, and the
+    # parent already says which section starts
+    transformers.utils.logging.disable_progress_bar()
     with torch_threads(1):
         return run_section(Pipeline(inputs, out, options), *section)
 

@@ -149,7 +149,8 @@ def save_checkpoint(model: Any, processor: Any, encoder: Encoder, path: Path) ->
     config = model.generation_config
     config.eos_token_id = sorted(encoder.end_ids)
     config.pad_token_id = int(processor.tokenizer.pad_token_id)
-    model.save_pretrained(path)
+    with _hf_bars(quiet=True):  # a bar for writing one small shard says nothing
+        model.save_pretrained(path)
     save_processor(processor, path)
 
 
