@@ -1,8 +1,10 @@
 # Set-up on a fresh machine is `make demo` (the main job) or `make test` (the test suite).
-# Both create .venv with the pinned CPU build of torch (no CUDA wheels, no torchvision).
+# Both create .venv with the pinned CPU build of torch (no CUDA wheels, no torchvision); the demo
+# installs the package alone, the tests and docs add their extras and mergekit on top.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 OUT ?= vlm_probe_out
 MERGEKIT_PACKAGES := mergekit==0.1.5 pydantic==2.14.4 pydantic-core==2.50.5 immutables==0.21 click==8.5.1 \
@@ -10,10 +12,14 @@ MERGEKIT_PACKAGES := mergekit==0.1.5 pydantic==2.14.4 pydantic-core==2.50.5 immu
 
 .PHONY: install demo test docs bench gpu-check clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(RUNTIME): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,docs]"
 	# mergekit, kept apart from the project's packages (tests compare merges with it)
 	$(PY) -m pip install -q --no-deps --target $(VENV)/mergekit $(MERGEKIT_PACKAGES)
@@ -21,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vlm-probe analyze --out $(OUT)
 
 test: $(STAMP)

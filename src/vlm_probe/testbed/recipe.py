@@ -71,7 +71,7 @@ class SFTStage:
 class RLStage:
     """The RL stage (:func:`vlm_probe.testbed.rl.grpo`, Dr. GRPO) on a pool of ``pool`` prompts."""
 
-    steps: int = 200
+    steps: int = 120
     prompts: int = 16
     group: int = 8
     lr: float = 2e-4
