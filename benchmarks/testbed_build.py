@@ -16,7 +16,7 @@ Part 2 (``--full``): a full build into a fresh temporary cache, wall and CPU sec
 against the goal of 600 s wall on 2 cores.
 
     python benchmarks/testbed_build.py                 # part 1 only (about 2 minutes)
-    python benchmarks/testbed_build.py --full          # and a full build (about 10 minutes)
+    python benchmarks/testbed_build.py --full          # and a full build (about 8 minutes)
     python benchmarks/testbed_build.py --full --family qwen2_5_vl --seed 1
 """
 

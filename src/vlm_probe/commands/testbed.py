@@ -9,7 +9,7 @@ from .common import check_out, positive_int
 
 BUILD_EXAMPLE = """\
 examples:
-  vlm-probe testbed build                 # full build with the freezing re-runs (about 10 minutes on 2 cores), cached
+  vlm-probe testbed build                 # full build with the freezing re-runs (about 8 minutes on 2 cores), cached
   vlm-probe testbed build --reduced       # tiny test-size build (seconds)
   vlm-probe testbed build --family qwen2_5_vl --seed 1 --force --quiet
 """
