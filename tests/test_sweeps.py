@@ -423,3 +423,14 @@ def test_negative_layers_equal_their_positive_counterparts_in_every_sweep(setup)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a.keys())
     with pytest.raises(vlm_probe.errors.LayerIndexError):
         sweep(vlm, clean, corrupt, layers=[n], **quiet)
+
+
+def test_every_clean_corrupt_sweep_refuses_unpaired_batches_and_names_align(setup) -> None:
+    from vlm_probe.analyses import answer_sweep, attribution_sweep
+
+    vlm, tiny, batch = setup
+    longer = vlm.prepare(["how many red circles are there in the picture ?"] * 4, [[tiny.image(i)] for i in range(4)])
+    for run in (sweep, attribution_sweep, answer_sweep):
+        for clean, corrupt in ((batch, batch[:2]), (batch, longer)):
+            with pytest.raises(InputError, match=r"same samples and width.*vlm_probe\.align"):
+                run(vlm, clean, corrupt, progress=False)

@@ -55,7 +55,7 @@ from .engine import Variant
 from .gradients import GradientRun, Pair, gradient_run, source_run
 from .options import RunOptions
 from .parallel import gather_frame, shard_indices
-from .patching import Cell, PatchingResult, _as_list, _cells, _layers_meta, _patching_frame
+from .patching import Cell, PatchingResult, _as_list, _cells, _layers_meta, _patching_frame, check_paired
 
 CORRECTIONS = ("qk",)
 
@@ -340,11 +340,7 @@ def attribution_sweep(
         options: ``max_rows`` (samples per forward), ``progress``, ``parallel``.
     """
     options = RunOptions.resolve(options, legacy, "attribution_sweep")
-    if clean.width != corrupt.width or len(clean) != len(corrupt):
-        raise InputError(
-            f"clean ({len(clean)} x {clean.width}) and corrupt ({len(corrupt)} x {corrupt.width}) must have the same "
-            "samples and width; prepare them together or use vlm_probe.align(clean, corrupt)."
-        )
+    check_paired(clean, corrupt)
     metric = metric or M.restored()
     frame, cost = _attribution_frame(vlm, vlm, clean, corrupt, _as_list(site), layers, positions, metric, options,
                                      tuple(corrections), graddrop, "attribution", {})

@@ -176,6 +176,15 @@ def _patching_frame(
     return gather_frame(pd.DataFrame(rows), sort=["cell", "sample"], parallel=options.backend)
 
 
+def check_paired(clean: Batch, corrupt: Batch) -> None:
+    """Raise :class:`InputError` unless the two batches hold as many samples of the same width."""
+    if clean.width != corrupt.width or len(clean) != len(corrupt):
+        raise InputError(
+            f"clean ({len(clean)} x {clean.width}) and corrupt ({len(corrupt)} x {corrupt.width}) must have the same "
+            "samples and width; prepare them together or use vlm_probe.align(clean, corrupt)."
+        )
+
+
 def _meta(options: RunOptions, **meta: Any) -> dict[str, Any]:
     return {**meta, "options": options.record()}
 
@@ -213,11 +222,7 @@ def sweep(
         A :class:`PatchingResult`; its ``variant`` column holds each cell's intervention as JSON.
     """
     options = RunOptions.resolve(options, legacy, "sweep")
-    if clean.width != corrupt.width or len(clean) != len(corrupt):
-        raise InputError(
-            f"clean ({len(clean)} x {clean.width}) and corrupt ({len(corrupt)} x {corrupt.width}) must have the same "
-            "samples and width; prepare them together or use vlm_probe.align(clean, corrupt)."
-        )
+    check_paired(clean, corrupt)
     metric = metric or M.restored()
     frame = _patching_frame(vlm, vlm, clean, corrupt, _as_list(site), layers, positions, metric, options,
                             "patching", {})
@@ -351,8 +356,7 @@ def answer_sweep(
     from .generation import config_record, eos_ids, greedy_config
 
     options = RunOptions.resolve(options, legacy, "answer_sweep")
-    if clean.width != corrupt.width or len(clean) != len(corrupt):
-        raise InputError("clean and corrupt must have the same samples and width; use vlm_probe.align(clean, corrupt).")
+    check_paired(clean, corrupt)
     config = options.generation_config or greedy_config(vlm, options.max_new_tokens)
     readout = Greedy(config, frozenset(eos_ids(vlm, config)))
     sites = _as_list(site)
