@@ -18,13 +18,17 @@ config.json files), then, per model, in one run:
   device_map   the first model saved and reloaded with device_map="auto" and a max_memory split
                across GPU and CPU (CPU and disk with --small): the same logits and the same
                attribution estimates as the model on one device                    (checked)
+  spectra      once, not per model: exact spectra (compare_weights, float64 Gram eigenvalues on the
+               device) vs the published diversity script (float32 SVDs on one CPU thread) on the
+               first 4 decoder layers of spectra.py's bf16 trio: time ratio, and spectral norm,
+               effective rank and top-50 values equal to 1e-4 of the spectral norm   (checked, timed)
 Prints a table (model, check, figures, result) and exits 1 when a check fails.
 
 Without a GPU, ``--small`` runs tiny versions of the same three configurations (same family,
 vision tower layout and token rules; few layers, narrow widths, 112 x 112 images) in float32
 on the CPU in well under a minute; tests/test_gpu_check.py runs it. ``--perturb EPS`` adds EPS
-to the reference logits of the equality checks (noop, device_map): a self-test, those checks
-must then fail.
+to the reference logits of the equality checks (noop, device_map) and to the published spectral
+norms (spectra): a self-test, those checks must then fail.
 
 Tolerances: float32 checks are tight (1e-5 relative); bf16 allows 2e-2 of the logits' scale
 (another kernel or device sums in another order) and 10% of greedy answers flipping in the
@@ -42,6 +46,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -69,7 +74,9 @@ from vlm_probe.analyses.generation import GreedyGenerator, greedy_config  # noqa
 from vlm_probe.testbed.zoo import TinyVLM, tiny_vlm  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-CHECKS = ("noop", "tracing", "patching", "swap", "mass", "attribution", "device_map")
+CHECKS = ("noop", "tracing", "patching", "swap", "mass", "attribution", "device_map", "spectra")
+#: the trio's tensors the spectra row compares (stored names): the first 4 decoder layers
+SPECTRA_INCLUDE = r"layers\.[0-3]\."
 
 
 @dataclass(frozen=True)
@@ -291,6 +298,38 @@ class Checker:
                  f"{err:.1e} (logits), {err_a:.1e} (attribution)", ok)
 
 
+def spectra_row(args: argparse.Namespace) -> Row:
+    """The ``spectra`` check: ``benchmarks/spectra.py``'s two variants on part of its trio, in this process."""
+    import spectra
+    import weight_deltas
+
+    from vlm_probe.threads import torch_threads
+
+    if args.small:  # the layout of spectra.py --small
+        weight_deltas.TEXT.update(hidden=64, layers=2, intermediate=160, heads=4, kv_heads=2, vocab=500)
+        weight_deltas.VISION.update(hidden=32, depth=2, intermediate=48, out=64, merge=4)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        paths = {k: str(v) for k, v in weight_deltas.generate(
+            Path(tmp), keep=lambda name: re.search(SPECTRA_INCLUDE, name) is not None).items()}
+        with torch_threads(1):  # as the CPU benchmark times it
+            start = time.perf_counter()
+            reference = spectra.published(paths, SPECTRA_INCLUDE)
+            t_published = time.perf_counter() - start
+        start = time.perf_counter()
+        exact = spectra.ours(paths, vectors=False, include=SPECTRA_INCLUDE)  # on the GPU when there is one
+        t_exact = time.perf_counter() - start
+    worst = 0.0  # spectral norm and top-50: |exact - published| / spectral norm; effective rank: relative
+    for key, want in reference.items():
+        got, norm = exact[key], want["spectral_norm"]
+        values = [(got["spectral_norm"], norm + args.perturb), *zip(got["top"], want["top"])]
+        worst = max(worst, max(abs(a - b) for a, b in values) / norm, abs(got["erank"] / want["erank"] - 1))
+    same = sorted(reference) == sorted(exact) and len(reference) > 0
+    place = "cuda" if torch.cuda.is_available() else "cpu"
+    return Row("trio", "spectra", f"{len(reference)} matrix-steps (decoder layers 0-3): published (CPU, 1 thread) "
+               f"{t_published:.1f} s / exact ({place}) {t_exact:.1f} s = {t_published / t_exact:.1f}x; max "
+               f"difference {worst:.1e} of the spectral norm (effective rank: relative)", same and worst <= 1e-4)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny versions of the configurations, on the CPU")
@@ -301,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--mass-tokens", type=int, default=None, help="sequence length (default 8192; 512 small)")
     parser.add_argument("--perturb", type=float, default=0.0,
-                        help="add this to the reference logits of the equality checks (they must then fail)")
+                        help="add this to the reference logits of the equality checks and the published spectral "
+                        "norms (they must then fail)")
     parser.add_argument("--json", help="also write the table here")
-    parser.add_argument("--tmp", default=None, help="directory for the device_map checkpoint")
+    parser.add_argument("--tmp", default=None, help="directory for the device_map checkpoint and the spectra trio")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.small else 3)
     args.samples = args.samples or (2 if args.small else 4)
@@ -322,14 +362,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name}: {params / 1e6:,.1f} M parameters, built in {time.perf_counter() - built:.1f} s")
         checker = Checker(name, tiny, image, args, dtype)
         for check in args.checks:
-            if check == "device_map" and i > 0:
-                continue  # the first model only (a save and a split reload)
+            if check == "spectra" or (check == "device_map" and i > 0):
+                continue  # device_map: the first model only (a save and a split reload); spectra: below
             getattr(checker, check)()
         rows += checker.rows
         del checker, tiny
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+    if "spectra" in args.checks:
+        rows.append(spectra_row(args))
+        print(f"  {'trio':<14} {'spectra':<12} {({True: 'ok', False: 'FAIL'}[bool(rows[-1].ok)]):<5} "
+              f"{rows[-1].figures}", flush=True)
     failed = [r for r in rows if r.ok is False]
     print(f"\n{'model':<14} {'check':<12} {'result':<6} figures")
     for r in rows:

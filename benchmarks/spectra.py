@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -39,8 +40,9 @@ HERE = Path(__file__).resolve().parent
 TOP_K = 50
 
 
-def published(paths: dict[str, str]) -> dict[str, dict]:
-    """The published script's approach; metrics per ``stored name|step``."""
+def published(paths: dict[str, str], include: str | None = None) -> dict[str, dict]:
+    """The published script's approach; metrics per ``stored name|step`` (``include``: only the
+    stored names this regular expression finds)."""
     import torch
     from _common import full_state_dict
 
@@ -48,7 +50,7 @@ def published(paths: dict[str, str]) -> dict[str, dict]:
     names = list(paths)
     out = {}
     for key in models[0]:
-        if models[0][key].ndim < 2:
+        if models[0][key].ndim < 2 or (include is not None and not re.search(include, key)):
             continue
         for (i, j) in ((0, 1), (1, 2)):
             delta = models[j][key].half() - models[i][key].half()
@@ -66,10 +68,11 @@ def published(paths: dict[str, str]) -> dict[str, dict]:
     return out
 
 
-def ours(paths: dict[str, str], vectors: bool) -> dict[str, dict]:
+def ours(paths: dict[str, str], vectors: bool, include: str | None = None) -> dict[str, dict]:
     from vlm_probe.weights import SVDConfig, compare_weights, open_checkpoint
 
-    result = compare_weights(paths, svd=SVDConfig(mode="exact", top_k=TOP_K, vectors=vectors), quiet=True)
+    result = compare_weights(paths, svd=SVDConfig(mode="exact", top_k=TOP_K, vectors=vectors), include=include,
+                             quiet=True)
     stored = {e.name: e.stored_name for e in open_checkpoint(next(iter(paths.values()))).tensors.values()}
     frame = result.frame[result.frame["svd_mode"] == "exact"]
     return {

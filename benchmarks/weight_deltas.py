@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -104,12 +105,14 @@ def _tensor(name: str, shape: tuple[int, ...], which: int):
 
 
 def generate(
-    root: Path, shard_bytes: int = 512 * 2**20, names: tuple[str, ...] = ("Base", "IN", "RL")
+    root: Path, shard_bytes: int = 512 * 2**20, names: tuple[str, ...] = ("Base", "IN", "RL"),
+    keep: Callable[[str], bool] | None = None,
 ) -> dict[str, Path]:
-    """Write the checkpoints ``names`` (of Base, IN, RL) under ``root``; their paths."""
+    """Write the checkpoints ``names`` (of Base, IN, RL) under ``root``; their paths. ``keep``:
+    write only the tensors whose stored name it accepts (default all)."""
     from safetensors.torch import save_file
 
-    table = shapes()
+    table = {k: v for k, v in shapes().items() if keep is None or keep(k)}
     paths = {}
     for name in names:
         which = ("Base", "IN", "RL").index(name)

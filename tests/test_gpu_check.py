@@ -39,11 +39,12 @@ def test_small_run_passes_every_check(gpu_check, tmp_path) -> None:
         for check in ("tracing", "attribution"):
             assert any(r["model"] == model and r["check"] == check and r["ok"] is None for r in rows)
     assert ("qwen2.5-vl-3b", "device_map") in checked
+    assert ("trio", "spectra") in checked
     assert not [r for r in rows if r["ok"] is False]
 
 
 def test_a_perturbed_reference_fails_the_equality_checks(gpu_check, tmp_path) -> None:
-    code, rows = _run(gpu_check, tmp_path, "--models", "qwen2.5-vl-3b", "--checks", "noop", "device_map",
+    code, rows = _run(gpu_check, tmp_path, "--models", "qwen2.5-vl-3b", "--checks", "noop", "device_map", "spectra",
                       "--perturb", "0.5")
     assert code == 1
-    assert {r["check"]: r["ok"] for r in rows} == {"noop": False, "device_map": False}
+    assert {r["check"]: r["ok"] for r in rows} == {"noop": False, "device_map": False, "spectra": False}
