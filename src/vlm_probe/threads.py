@@ -66,7 +66,8 @@ def _busy_cores(seconds: float) -> float | None:
 
     def read() -> tuple[int, int] | None:
         try:
-            fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+            with open("/proc/stat") as stat:
+                fields = [int(v) for v in stat.readline().split()[1:]]
         except (OSError, ValueError):
             return None
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait

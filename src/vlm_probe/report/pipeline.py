@@ -335,9 +335,9 @@ def run_in_workers(pipeline: Pipeline, sections: tuple[Section, ...], workers: i
 
 def _worker(inputs: Inputs, out: Path, options: Options, section: Section) -> SectionRecord:
     """One section in a worker process: its own :class:`Pipeline` (models load here), one torch thread."""
-    from ..threads import torch_threads
-
     import transformers
+
+    from ..threads import torch_threads
 
     # no weight-loading bars: several workers' bars would interleave on one terminal, and the
     # parent already says which section starts

@@ -44,7 +44,7 @@ from .encoding import Encoder
 from .factory import testbed_model
 from .freezing import FreezeSpec, describe_freeze, frozen_names
 from .recipe import Recipe, SFTStage
-from .responses import evaluation_items
+from .responses import swap_items
 from .rl import ESTIMATOR, grpo
 from .tasks import Item, SwapPair, held_out_items, swap_pairs
 from .train import Example, sft
@@ -336,7 +336,7 @@ def _build_into(directory: Path, recipe: Recipe, quiet: bool, variants: tuple[st
         times["RL"] = {k: reports[0][k] for k in ("wall_s", "cpu_s")}
         rl_log = reports[0]["rl_log"]
         with _timed(times, "evaluate"):  # RL's responses come from its own process (run_rl_job)
-            accuracy, items = {}, evaluation_items(recipe)
+            accuracy, items = {}, held_out + swap_items(pairs)
             for name in ("Base", "IN", "RL"):
                 folder = directory / _DIRS[name.lower()]
                 by_family = responses.scored(folder, items, lambda: scorer(folder)).accuracy()
@@ -384,7 +384,8 @@ def run_rl_job(job: RLJob) -> dict[str, Any]:
         policy, processor = _model_from(Path(job.in_path))
         encoder = Encoder(policy, processor, get_spec(policy.config))
         held_out = held_out_items(recipe.eval_seed, recipe.eval_count_map, scenes=recipe.scenes)
-        exclude = _exclusions(held_out, swap_pairs(recipe.eval_seed + 1, recipe.swap_per_task, scenes=recipe.scenes))
+        pairs = swap_pairs(recipe.eval_seed + 1, recipe.swap_per_task, scenes=recipe.scenes)
+        exclude = _exclusions(held_out, pairs)
         rl = recipe.rl
         names = frozen_names(policy, job.freeze, encoder.spec, recipe.cuts)
         stream = prompt_pool(recipe.stage_seed("rl") + job.seed_offset, rl.mixture, rl.pool, scenes=recipe.scenes,
@@ -401,7 +402,7 @@ def run_rl_job(job: RLJob) -> dict[str, Any]:
                   "cpu_s": round(time.process_time() - cpu, 2), "threads": job.threads}
         with atomic_directory(job.out, overwrite=True) as tmp:
             save_checkpoint(policy, processor, encoder, tmp)
-            responses.scored(tmp, evaluation_items(recipe), lambda: (policy, encoder))  # kept beside the weights
+            responses.scored(tmp, held_out + swap_items(pairs), lambda: (policy, encoder))  # kept beside the weights
             if Path(job.out).name != "rl":
                 atomic_write_json(tmp / "variant.json", report)
     return report

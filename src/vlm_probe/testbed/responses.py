@@ -19,7 +19,7 @@ from typing import Any
 
 from ..evaluation.grading import grade
 from ..io import atomic_write_json
-from .tasks import Item, held_out_items, swap_pairs
+from .tasks import Item, SwapPair, held_out_items, swap_pairs
 from .traces import MAX_NEW_TOKENS
 from .train import Scored, evaluate
 
@@ -29,8 +29,14 @@ FILE = "responses.json"
 def evaluation_items(recipe: Any) -> list[Item]:
     """What every checkpoint of a build is scored on: the held-out items of every family, then
     each swap pair's target and source scene with the shared prompt (family ``swap``)."""
-    items = held_out_items(recipe.eval_seed, recipe.eval_count_map, scenes=recipe.scenes)
-    for pair in swap_pairs(recipe.eval_seed + 1, recipe.swap_per_task, scenes=recipe.scenes):
+    held_out = held_out_items(recipe.eval_seed, recipe.eval_count_map, scenes=recipe.scenes)
+    return held_out + swap_items(swap_pairs(recipe.eval_seed + 1, recipe.swap_per_task, scenes=recipe.scenes))
+
+
+def swap_items(pairs: Sequence[SwapPair]) -> list[Item]:
+    """Each swap pair's target and source scene as items with the pair's shared prompt."""
+    items = []
+    for pair in pairs:
         items.append(Item(f"{pair.id}-target", "swap", pair.task, pair.prompt, pair.target_answer, pair.target))
         items.append(Item(f"{pair.id}-source", "swap", pair.task, pair.prompt, pair.source_answer, pair.source))
     return items
